@@ -1,0 +1,255 @@
+"""Block-sparse attention forward (FlashAttention-2 style online softmax over listed key blocks).
+
+One program computes a tile of BLOCK_M query rows against the key blocks its layout row lists.
+With a per-KV-head layout and a power-of-two GQA group, the tile's rows are PACK query heads x
+(BLOCK_M / PACK) tokens, so one K/V tile load serves the whole group (and short query chunks
+still fill the tensor-core M dimension).
+
+Softmax-threshold skipping (BLASST): a key tile whose scores sit, in every row, more than
+log(lambda) below the running row max contributes < lambda per entry; we skip its exponentials,
+its V load and its P.V product.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_tile(
+    acc, l_i, m_i, n_skipped,
+    b_q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    start_n, row_pos, seqlen_k, qk_scale, log2_threshold,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr,
+):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_d = offs_d < HEAD_DIM
+    # [BLOCK_D, BLOCK_N]: K^T
+    p_k = K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    if MASKED:
+        b_k = tl.load(p_k, mask=(offs_n[None, :] < seqlen_k) & m_d[:, None], other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        b_k = tl.load(p_k, mask=m_d[:, None], other=0.0)
+    else:
+        b_k = tl.load(p_k)
+    # [BLOCK_M, BLOCK_N] scores in log2 units
+    s = tl.dot(b_q, b_k) * qk_scale
+    if MASKED:
+        visible = offs_n[None, :] < seqlen_k
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= row_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_blk = tl.max(s, 1)
+    skip = False
+    if USE_THRESHOLD:
+        # a row whose running max is -inf (nothing seen yet) gets gap=+inf: never skipped
+        gap = tl.where(m_blk == float("-inf"), float("-inf"), m_blk - m_i)
+        skip = tl.max(gap, 0) < log2_threshold
+    if skip:
+        n_skipped += 1
+    else:
+        m_new = tl.maximum(m_i, m_blk)
+        if MASKED:
+            # fully masked rows keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # [BLOCK_N, BLOCK_D]
+        p_v = V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            b_v = tl.load(p_v, mask=(offs_n[:, None] < seqlen_k) & m_d[None, :], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+        else:
+            b_v = tl.load(p_v)
+        acc = tl.dot(p.to(b_v.dtype), b_v, acc)
+        m_i = m_new
+    return acc, l_i, m_i, n_skipped
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, Counts, Indices, Stats,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
+    GROUP: tl.constexpr, PACK: tl.constexpr, LAYOUT_PER_KV_HEAD: tl.constexpr,
+    LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    # axis 0 runs over (batch, head tile) so that the first wave holds every head's last
+    # (heaviest, under causality) query tile: better tail balance
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = (num_m_tiles - 1 - tl.program_id(1)).to(tl.int64)
+    b = pid_bh // num_head_tiles
+    h0 = (pid_bh % num_head_tiles) * PACK  # first query head of the tile
+    h_kv = h0 // GROUP
+    h_layout = h_kv if LAYOUT_PER_KV_HEAD else h0
+    TOKENS: tl.constexpr = BLOCK_M // PACK
+    t0 = pid_m * TOKENS
+    q_block = t0 // LAYOUT_BM
+    offset = seqlen_k - seqlen_q  # queries are aligned to the end of the keys
+
+    offs_r = tl.arange(0, BLOCK_M)
+    head = h0 + offs_r // TOKENS
+    tok = t0 + offs_r % TOKENS
+    row_pos = tok + offset
+    m_row = tok < seqlen_q
+    offs_d = tl.arange(0, BLOCK_D)
+    m_d = offs_d < HEAD_DIM
+
+    p_q = (Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qm
+           + offs_d[None, :] * stride_qd)
+    b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)
+    K_base = K + b * stride_kb + h_kv * stride_kh
+    V_base = V + b * stride_vb + h_kv * stride_vh
+
+    count = tl.load(Counts + b * stride_cb + h_layout * stride_ch + q_block * stride_cm)
+    p_idx = Indices + b * stride_ib + h_layout * stride_ih + q_block * stride_im
+
+    # A key block needs masking if some column passes the tile's first row (causal) or the
+    # key length; indices are sorted, so those blocks are a suffix of the list.
+    lim = seqlen_k - 1
+    if IS_CAUSAL:
+        lim = tl.minimum(lim, t0 + offset)
+    first_masked = tl.maximum(lim + 1, 0) // LAYOUT_BN
+    n_full = count
+    scanning = n_full > 0
+    while scanning:
+        kb = tl.load(p_idx + (n_full - 1) * stride_ij)
+        scanning = kb >= first_masked
+        n_full -= scanning.to(tl.int32)
+        scanning = scanning & (n_full > 0)
+    last_row = tl.minimum(t0 + TOKENS, seqlen_q) - 1 + offset
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_skipped = tl.zeros([], dtype=tl.int32)
+    N_SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
+
+    # one loop over (listed block, sub-tile) pairs: a single load site keeps the pipeline's
+    # shared-memory buffers to one set
+    for j in range(0, n_full * N_SUB):
+        kb = tl.load(p_idx + (j // N_SUB) * stride_ij).to(tl.int64)
+        acc, l_i, m_i, n_skipped = _attend_tile(
+            acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            kb * LAYOUT_BN + (j % N_SUB) * BLOCK_N, row_pos, seqlen_k, qk_scale, log2_threshold,
+            BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD)
+    n_visited = n_full * N_SUB
+    # the masked suffix is a few tiles at most: not worth pipelining buffers
+    for j in tl.range(n_full * N_SUB, count * N_SUB, num_stages=1):
+        kb = tl.load(p_idx + (j // N_SUB) * stride_ij).to(tl.int64)
+        start_n = kb * LAYOUT_BN + (j % N_SUB) * BLOCK_N
+        in_reach = start_n < seqlen_k
+        if IS_CAUSAL:
+            # tiles wholly after the tile's last row see nothing
+            in_reach = in_reach & (start_n <= last_row)
+        if in_reach:
+            acc, l_i, m_i, n_skipped = _attend_tile(
+                acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
+                stride_kn, stride_kd, stride_vn, stride_vd,
+                start_n, row_pos, seqlen_k, qk_scale, log2_threshold,
+                BLOCK_N, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, USE_THRESHOLD)
+            n_visited += 1
+
+    # rows that saw no key: l = 0, output 0, lse = -inf
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    p_o = (Out + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_om
+           + offs_d[None, :] * stride_od)
+    tl.store(p_o, out.to(Out.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
+    if RETURN_LSE:
+        # Lse is contiguous [B, Hq, Sq]; m is in log2 units
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        p_lse = Lse + (b * (num_head_tiles * PACK) + head) * seqlen_q + tok
+        tl.store(p_lse, lse, mask=m_row)
+    if USE_THRESHOLD:
+        p_stats = Stats + (pid_bh * num_m_tiles + pid_m) * 2
+        tl.store(p_stats, n_skipped)
+        tl.store(p_stats + 1, n_visited)
+
+
+# Tile shapes per head dim (rows of the query tile, key tile, warps, pipeline stages), picked by
+# bench/tune_block_sparse.py on an H100 (see bench/RESULTS.md). CPU (interpreter) ignores
+# warps/stages.
+_HOPPER_CONFIGS = {
+    64: (128, 128, 8, 3),
+    128: (128, 128, 8, 3),
+    256: (64, 64, 4, 2),
+}
+
+
+def default_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda":
+        return (64, 64, 4, 1)
+    key = min(_HOPPER_CONFIGS, key=lambda d: abs(d - padded))
+    return _HOPPER_CONFIGS[key]
+
+
+def block_sparse_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    counts: torch.Tensor, indices: torch.Tensor, block_m: int, block_n: int,
+    *, causal: bool, scale: float, softmax_threshold: float | None,
+    return_lse: bool, pack_gqa: bool | None = None, config: tuple | None = None,
+):
+    """Launch the kernel. Inputs are assumed validated (see sparse_attn.ops.block_sparse).
+
+    Returns ``(out [B, Hq, Sq, D], lse [B, Hq, Sq] or None, stats [programs, 2] or None)``.
+    """
+    batch, hq, seqlen_q, head_dim = q.shape
+    hkv, seqlen_k = k.shape[1], k.shape[2]
+    group = hq // hkv
+    layout_per_kv = counts.shape[1] != hq
+    tile_m, tile_n, num_warps, num_stages = config or default_config(head_dim, q.device)
+    # pack the group's heads into the tile rows when they share a (per-KV-head) layout and G is
+    # a power of two (tile shapes must be)
+    can_pack = layout_per_kv and group > 1 and group & (group - 1) == 0
+    pack = group if can_pack and pack_gqa is not False else 1
+    # at least 16 rows per head so the tile stays a tensor-core shape; at most one layout block
+    tile_m = max(tile_m, 16 * pack)
+    tile_m = min(tile_m, block_m * pack)
+    tile_n = min(tile_n, block_n)
+    tokens = tile_m // pack
+    num_m_tiles = triton.cdiv(seqlen_q, tokens)
+    num_head_tiles = hq // pack
+
+    out = torch.empty((batch, hq, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = (torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=q.device)
+           if return_lse else None)
+    use_threshold = softmax_threshold is not None and softmax_threshold > 0
+    grid = (batch * num_head_tiles, num_m_tiles)
+    stats = (torch.zeros((grid[0] * grid[1], 2), dtype=torch.int32, device=q.device)
+             if use_threshold else None)
+    log2_threshold = math.log2(softmax_threshold) if use_threshold else float("-inf")
+    dummy = out  # stands in for absent outputs; never written
+    _block_sparse_fwd_kernel[grid](
+        q, k, v, out, lse if lse is not None else dummy, counts, indices,
+        stats if stats is not None else dummy,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *counts.stride(), *indices.stride(),
+        seqlen_q, seqlen_k, num_head_tiles, num_m_tiles,
+        scale * 1.4426950408889634, log2_threshold,
+        GROUP=group, PACK=pack, LAYOUT_PER_KV_HEAD=layout_per_kv,
+        LAYOUT_BM=block_m, LAYOUT_BN=block_n,
+        BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        IS_CAUSAL=causal, USE_THRESHOLD=use_threshold, RETURN_LSE=return_lse,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse, stats

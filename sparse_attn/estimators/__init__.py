@@ -1,0 +1,1 @@
+"""Pattern estimators (where to compute). Filled by the estimator issue."""

@@ -1,0 +1,361 @@
+"""Layouts: the one contract between estimators (where to compute) and kernels (how).
+
+A ``BlockLayout`` lists, for every (batch, head, query block), the sorted key blocks to compute.
+Query blocks tile the *query* rows from 0; key blocks tile the *key* positions from 0. When the
+query is shorter than the key (chunked prefill, decode), query row ``i`` sits at absolute
+position ``seqlen_k - seqlen_q + i`` (queries aligned to the end), which is what causality uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BlockLayout", "causal_pair_counts"]
+
+_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sum_clamped_ramp(n: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """sum_{a=1..n} min(a, width) for n >= 0 (closed form, elementwise)."""
+    n = n.clamp(min=0)
+    small = n * (n + 1) // 2
+    large = width * (width + 1) // 2 + (n - width) * width
+    return torch.where(n <= width, small, large)
+
+
+def causal_pair_counts(
+    seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, causal: bool, device=None
+) -> torch.Tensor:
+    """Number of attendable (query, key) pairs in every (query block, key block) tile.
+
+    Returns an int64 ``[NQB, NKB]`` tensor; with ``causal`` it counts only pairs with
+    ``key <= query + (seqlen_k - seqlen_q)``. Closed form, so 128k sequences cost nothing.
+    """
+    nqb, nkb = _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n)
+    r0 = torch.arange(nqb, device=device, dtype=torch.int64)[:, None] * block_m
+    r1 = (r0 + block_m).clamp(max=seqlen_q)
+    c0 = torch.arange(nkb, device=device, dtype=torch.int64)[None, :] * block_n
+    c1 = (c0 + block_n).clamp(max=seqlen_k)
+    width = c1 - c0
+    if not causal:
+        return (r1 - r0) * width
+    offset = seqlen_k - seqlen_q
+    # row r may see keys c0 .. r + offset: a ramp a(r) = r + offset + 1 - c0 clamped to [0, width]
+    a_first = r0 + offset + 1 - c0
+    a_last = r1 - 1 + offset + 1 - c0
+    return _sum_clamped_ramp(a_last, width) - _sum_clamped_ramp(a_first - 1, width)
+
+
+@dataclass
+class BlockLayout:
+    """Key blocks to compute for each (batch, head, query block).
+
+    Attributes:
+        counts: int32 ``[B, H, NQB]``, how many key blocks each query block computes.
+        indices: int32 ``[B, H, NQB, MAXB]``, the key-block indices, strictly increasing in the
+            first ``counts`` entries; entries past ``counts`` are padding (``-1``) and never read.
+        block_m: query rows per block.
+        block_n: key positions per block.
+        num_k_blocks: number of key blocks the layout was built for (``ceil(seqlen_k / block_n)``).
+
+    ``H`` is either the number of query heads or the number of KV heads; a per-KV-head layout is
+    shared by every query head of its group (and lets the kernel serve the whole group from one
+    K/V tile load).
+    """
+
+    counts: torch.Tensor
+    indices: torch.Tensor
+    block_m: int = 128
+    block_n: int = 128
+    num_k_blocks: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.counts, torch.Tensor) or self.counts.dim() != 3:
+            raise ValueError(
+                f"BlockLayout.counts must be an int32 tensor [B, H, NQB], got "
+                f"{getattr(self.counts, 'shape', type(self.counts))}"
+            )
+        if not isinstance(self.indices, torch.Tensor) or self.indices.dim() != 4:
+            raise ValueError(
+                f"BlockLayout.indices must be an int32 tensor [B, H, NQB, MAXB], got "
+                f"{getattr(self.indices, 'shape', type(self.indices))}"
+            )
+        if self.indices.shape[:3] != self.counts.shape:
+            raise ValueError(
+                f"BlockLayout.indices {tuple(self.indices.shape)} and counts "
+                f"{tuple(self.counts.shape)} disagree on [B, H, NQB]"
+            )
+        for name in ("counts", "indices"):
+            t = getattr(self, name)
+            if t.dtype != torch.int32:
+                if t.dtype.is_floating_point or t.dtype == torch.bool:
+                    raise TypeError(f"BlockLayout.{name} must be int32, got {t.dtype}")
+                setattr(self, name, t.to(torch.int32))
+        if self.counts.device != self.indices.device:
+            raise ValueError(
+                f"BlockLayout.counts on {self.counts.device} but indices on {self.indices.device}"
+            )
+        for name in ("block_m", "block_n"):
+            if getattr(self, name) not in _BLOCK_SIZES:
+                raise ValueError(
+                    f"BlockLayout.{name} must be one of {_BLOCK_SIZES}, got {getattr(self, name)}"
+                )
+        if self.num_k_blocks is None:
+            # without it we can only assume the widest index fits; prefer passing it
+            self.num_k_blocks = max(int(self.indices.shape[-1]), 1)
+
+    # ----------------------------------------------------------------------------- shape
+    @property
+    def batch(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.counts.shape[2]
+
+    @property
+    def max_blocks(self) -> int:
+        return self.indices.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.counts.device
+
+    def to(self, device) -> "BlockLayout":
+        return BlockLayout(
+            self.counts.to(device), self.indices.to(device), self.block_m, self.block_n,
+            self.num_k_blocks,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockLayout(B={self.batch}, H={self.num_heads}, NQB={self.num_q_blocks}, "
+            f"NKB={self.num_k_blocks}, MAXB={self.max_blocks}, block_m={self.block_m}, "
+            f"block_n={self.block_n}, device={self.device})"
+        )
+
+    # ----------------------------------------------------------------------- construction
+    @classmethod
+    def from_mask(cls, block_mask: torch.Tensor, block_m: int = 128, block_n: int = 128,
+                  max_blocks: int | None = None) -> "BlockLayout":
+        """Build from a bool block mask ``[B, H, NQB, NKB]`` (True = compute that tile).
+
+        ``max_blocks`` sets the padded width of ``indices``; by default it is NKB, which needs
+        no host synchronisation (a data-dependent width would).
+        """
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 4:
+            raise ValueError(
+                f"block_mask must be a bool tensor [B, H, NQB, NKB], got "
+                f"{getattr(block_mask, 'shape', type(block_mask))}"
+            )
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must be torch.bool, got {block_mask.dtype}")
+        nkb = block_mask.shape[-1]
+        width = nkb if max_blocks is None else int(max_blocks)
+        counts = block_mask.sum(-1, dtype=torch.int32)
+        # stable argsort of ~mask puts the selected blocks first, in increasing order
+        order = torch.argsort((~block_mask).to(torch.uint8), dim=-1, stable=True)
+        order = order[..., :width].to(torch.int32)
+        if width > nkb:
+            pad = order.new_full((*order.shape[:-1], width - nkb), -1)
+            order = torch.cat([order, pad], dim=-1)
+        slot = torch.arange(width, device=block_mask.device, dtype=torch.int32)
+        indices = torch.where(slot < counts[..., None], order, -1)
+        if max_blocks is not None:
+            counts = counts.clamp(max=width)
+        return cls(counts, indices.contiguous(), block_m, block_n, nkb)
+
+    @classmethod
+    def dense(cls, batch: int, num_heads: int, seqlen_q: int, seqlen_k: int | None = None, *,
+              causal: bool = True, block_m: int = 128, block_n: int = 128,
+              device=None) -> "BlockLayout":
+        """Every tile (every tile on or below the diagonal when ``causal``)."""
+        seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+        reach = causal_pair_counts(seqlen_q, seqlen_k, block_m, block_n, causal, device) > 0
+        return cls.from_mask(reach.expand(batch, num_heads, *reach.shape).contiguous(),
+                             block_m, block_n)
+
+    @classmethod
+    def streaming(cls, batch: int, num_heads: int, seqlen_q: int, seqlen_k: int | None = None,
+                  *, sink_blocks: int = 1, local_blocks: int = 4, causal: bool = True,
+                  block_m: int = 128, block_n: int = 128, device=None) -> "BlockLayout":
+        """Sink blocks plus a causal local window ("A-shape", StreamingLLM).
+
+        Each query block keeps the first ``sink_blocks`` key blocks and the ``local_blocks``
+        key blocks that end at its diagonal.
+        """
+        seqlen_k = seqlen_q if seqlen_k is None else seqlen_k
+        if sink_blocks < 0 or local_blocks < 1:
+            raise ValueError(
+                f"streaming layout needs sink_blocks >= 0 and local_blocks >= 1, got "
+                f"sink_blocks={sink_blocks}, local_blocks={local_blocks}"
+            )
+        nqb, nkb = _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n)
+        offset = seqlen_k - seqlen_q
+        last_row = (torch.arange(nqb, device=device) * block_m + block_m - 1).clamp(
+            max=seqlen_q - 1) + offset
+        diag = (last_row // block_n).clamp(max=nkb - 1)  # key block holding the last row
+        kb = torch.arange(nkb, device=device)
+        keep = (kb[None, :] < sink_blocks) | (
+            (kb[None, :] <= diag[:, None]) & (kb[None, :] > diag[:, None] - local_blocks))
+        if causal:
+            keep &= causal_pair_counts(seqlen_q, seqlen_k, block_m, block_n, True, device) > 0
+        return cls.from_mask(keep.expand(batch, num_heads, nqb, nkb).contiguous(),
+                             block_m, block_n)
+
+    # ----------------------------------------------------------------------------- checks
+    def validate(self, seqlen_q: int, seqlen_k: int, *, check_indices: bool = True) -> None:
+        """Raise ``ValueError`` if the layout does not fit these sequence lengths.
+
+        ``check_indices`` also checks every used index is in range and strictly increasing
+        (this reads the layout back to the host: leave it off on a hot path).
+        """
+        nqb, nkb = _cdiv(seqlen_q, self.block_m), _cdiv(seqlen_k, self.block_n)
+        if self.num_q_blocks != nqb:
+            raise ValueError(
+                f"layout has {self.num_q_blocks} query blocks of {self.block_m} but "
+                f"seqlen_q={seqlen_q} needs {nqb}: was it built for another sequence length?"
+            )
+        if self.num_k_blocks != nkb:
+            raise ValueError(
+                f"layout was built for {self.num_k_blocks} key blocks of {self.block_n} but "
+                f"seqlen_k={seqlen_k} needs {nkb}: was it built for another sequence length?"
+            )
+        if not check_indices:
+            return
+        counts = self.counts.long()
+        if bool((counts < 0).any()) or bool((counts > self.max_blocks).any()):
+            raise ValueError(
+                f"layout counts must lie in [0, {self.max_blocks}] (the width of indices), got "
+                f"range [{int(counts.min())}, {int(counts.max())}]"
+            )
+        slot = torch.arange(self.max_blocks, device=self.device)
+        used = slot < counts[..., None]
+        idx = self.indices.long()
+        bad = used & ((idx < 0) | (idx >= nkb))
+        if bool(bad.any()):
+            where = tuple(int(x) for x in bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"layout index out of range at [b, h, qblock, slot]={where}: "
+                f"{int(idx[where])} not in [0, {nkb})"
+            )
+        if self.max_blocks > 1:
+            step_used = used[..., 1:]
+            unsorted = step_used & (idx[..., 1:] <= idx[..., :-1])
+            if bool(unsorted.any()):
+                b, h, m, j = (int(x) for x in unsorted.nonzero()[0].tolist())
+                raise ValueError(
+                    f"layout indices must be strictly increasing per query block; at "
+                    f"[b, h, qblock]=({b}, {h}, {m}) slot {j + 1}: {int(idx[b, h, m, j + 1])} "
+                    f"follows {int(idx[b, h, m, j])}"
+                )
+
+    # ------------------------------------------------------------------------ conversions
+    def to_mask(self) -> torch.Tensor:
+        """Bool block mask ``[B, H, NQB, NKB]``."""
+        mask = torch.zeros(
+            (*self.counts.shape, self.num_k_blocks + 1), dtype=torch.bool, device=self.device)
+        slot = torch.arange(self.max_blocks, device=self.device)
+        used = slot < self.counts[..., None].long()
+        # unused slots scatter into a spare column that is dropped
+        target = torch.where(used, self.indices.long(), self.num_k_blocks)
+        mask.scatter_(-1, target, True)
+        return mask[..., : self.num_k_blocks]
+
+    def to_token_mask(self, seqlen_q: int, seqlen_k: int, *, causal: bool = False,
+                      q_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Bool ``[B, H, Sq, Sk]`` of the (query, key) positions the layout attends.
+
+        With ``causal`` the causal constraint (queries aligned to the end) is applied too.
+        ``q_range=(start, stop)`` returns only those query rows (for chunked references).
+        """
+        self.validate(seqlen_q, seqlen_k, check_indices=False)
+        start, stop = (0, seqlen_q) if q_range is None else q_range
+        rows = torch.arange(start, stop, device=self.device)
+        cols = torch.arange(seqlen_k, device=self.device)
+        block = self.to_mask()[:, :, rows // self.block_m]  # [B, H, rows, NKB]
+        tok = block[..., cols // self.block_n]
+        if causal:
+            tok = tok & (cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q))
+        return tok
+
+    def density(self, seqlen_q: int | None = None, seqlen_k: int | None = None, *,
+                causal: bool = True, per_head: bool = False):
+        """Share of the attendable (query, key) pairs the layout computes.
+
+        Against the causal area when ``causal``. Sequence lengths default to the full block
+        extents. Returns a float (mean over batch and heads) or, with ``per_head``, a float
+        tensor ``[B, H]``.
+        """
+        seqlen_q = self.num_q_blocks * self.block_m if seqlen_q is None else seqlen_q
+        seqlen_k = self.num_k_blocks * self.block_n if seqlen_k is None else seqlen_k
+        self.validate(seqlen_q, seqlen_k, check_indices=False)
+        pairs = causal_pair_counts(
+            seqlen_q, seqlen_k, self.block_m, self.block_n, causal, self.device).double()
+        total = pairs.sum().clamp(min=1)
+        covered = (self.to_mask().double() * pairs).sum((-1, -2)) / total
+        return covered if per_head else float(covered.mean())
+
+    def to_block_mask(self, seqlen_q: int | None = None, seqlen_k: int | None = None, *,
+                      causal: bool = True):
+        """The same pattern as a FlexAttention ``BlockMask``.
+
+        Built from the index lists (``BlockMask.from_kv_blocks``), never from a dense mask, so
+        it works at 128k. ``block_m``/``block_n`` become its ``BLOCK_SIZE``. With ``causal``
+        the mask function also applies token-level causality (queries aligned to the end).
+        A per-KV-head layout gives a per-KV-head mask: pass ``enable_gqa=True`` to
+        ``flex_attention`` then.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        seqlen_q = self.num_q_blocks * self.block_m if seqlen_q is None else seqlen_q
+        seqlen_k = self.num_k_blocks * self.block_n if seqlen_k is None else seqlen_k
+        self.validate(seqlen_q, seqlen_k, check_indices=False)
+        offset = seqlen_k - seqlen_q
+        mask_mod = None
+        if causal:
+            def mask_mod(b, h, q_idx, kv_idx):  # noqa: E306 - FlexAttention's signature
+                return kv_idx <= q_idx + offset
+        # FlexAttention treats every listed block as partial (masked) unless told otherwise;
+        # pass full blocks separately so it can skip mask_mod on them, as its own masks do.
+        kv_indices = self.indices.clamp(min=0)
+        if causal:
+            pairs = causal_pair_counts(seqlen_q, seqlen_k, self.block_m, self.block_n, True,
+                                       self.device)
+            full_area = (
+                (torch.arange(self.num_q_blocks, device=self.device)[:, None] * self.block_m
+                 + self.block_m <= seqlen_q).long() * self.block_m
+            ) * (
+                (torch.arange(self.num_k_blocks, device=self.device)[None, :] * self.block_n
+                 + self.block_n <= seqlen_k).long() * self.block_n
+            )
+            is_full = (pairs == full_area) & (full_area > 0)  # [NQB, NKB]
+            slot = torch.arange(self.max_blocks, device=self.device)
+            used = slot < self.counts[..., None].long()
+            full_sel = used & is_full[
+                torch.arange(self.num_q_blocks, device=self.device)[:, None],
+                self.indices.long().clamp(min=0)]
+            # partial = listed and not full; both lists stay sorted (stable sort of a key)
+            def _compact(sel):
+                cnt = sel.sum(-1, dtype=torch.int32)
+                order = torch.argsort((~sel).to(torch.uint8), dim=-1, stable=True)
+                return cnt, torch.gather(kv_indices, -1, order).contiguous()
+            full_cnt, full_idx = _compact(full_sel)
+            part_cnt, part_idx = _compact(used & ~full_sel)
+            return BlockMask.from_kv_blocks(
+                part_cnt, part_idx, full_cnt, full_idx,
+                BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=mask_mod,
+                seq_lengths=(seqlen_q, seqlen_k))
+        return BlockMask.from_kv_blocks(
+            self.counts, kv_indices.contiguous(), BLOCK_SIZE=(self.block_m, self.block_n),
+            mask_mod=None, seq_lengths=(seqlen_q, seqlen_k))
+

@@ -1,0 +1,4 @@
+"""Public functions, one module per kernel family."""
+from .block_sparse import block_sparse_attention
+
+__all__ = ["block_sparse_attention"]

@@ -1,0 +1,5 @@
+"""Pure-PyTorch references: the ground truth for tests and the CPU path. Never imports Triton."""
+from .dense import attention_ref, dense_attention_ref
+from .block_sparse import block_sparse_attention_ref
+
+__all__ = ["attention_ref", "dense_attention_ref", "block_sparse_attention_ref"]
