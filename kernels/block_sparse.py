@@ -16,6 +16,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 
 @triton.jit
@@ -25,26 +26,33 @@ def _attend_tile(
     start_n, row_pos, seqlen_k, qk_scale, log2_threshold,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
+    """One key tile of the online softmax. K_base/V_base: pointers, or tensor descriptors
+    when USE_TMA."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_d = offs_d < HEAD_DIM
-    # [BLOCK_D, BLOCK_N]: K^T
-    p_k = K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    if MASKED:
-        b_k = tl.load(p_k, mask=(offs_n[None, :] < seqlen_k) & m_d[:, None], other=0.0)
-    elif BLOCK_D != HEAD_DIM:
-        b_k = tl.load(p_k, mask=m_d[:, None], other=0.0)
+    if USE_TMA:
+        # the copy engine zero-fills rows past seqlen_k: no load mask needed
+        b_k = tl.trans(K_base.load([start_n.to(tl.int32), 0]))
     else:
-        b_k = tl.load(p_k)
-    # [BLOCK_M, BLOCK_N] scores in log2 units
-    s = tl.dot(b_q, b_k) * qk_scale
+        # [BLOCK_D, BLOCK_N]: K^T
+        p_k = K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        if MASKED:
+            b_k = tl.load(p_k, mask=(offs_n[None, :] < seqlen_k) & m_d[:, None], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            b_k = tl.load(p_k, mask=m_d[:, None], other=0.0)
+        else:
+            b_k = tl.load(p_k)
+    # [BLOCK_M, BLOCK_N] raw scores; the scale (with log2 e) is folded into the exp2's FMA
+    s = tl.dot(b_q, b_k)
     if MASKED:
         visible = offs_n[None, :] < seqlen_k
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= row_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
-    m_blk = tl.max(s, 1)
+    m_blk = tl.max(s, 1) * qk_scale
     skip = False
     if USE_THRESHOLD:
         # a row whose running max is -inf (nothing seen yet) gets gap=+inf: never skipped
@@ -57,18 +65,21 @@ def _attend_tile(
         if MASKED:
             # fully masked rows keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        # [BLOCK_N, BLOCK_D]
-        p_v = V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            b_v = tl.load(p_v, mask=(offs_n[:, None] < seqlen_k) & m_d[None, :], other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+        if USE_TMA:
+            b_v = V_base.load([start_n.to(tl.int32), 0])
         else:
-            b_v = tl.load(p_v)
+            # [BLOCK_N, BLOCK_D]
+            p_v = V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            if MASKED:
+                b_v = tl.load(p_v, mask=(offs_n[:, None] < seqlen_k) & m_d[None, :], other=0.0)
+            elif BLOCK_D != HEAD_DIM:
+                b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
+            else:
+                b_v = tl.load(p_v)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc)
         m_i = m_new
     return acc, l_i, m_i, n_skipped
@@ -88,6 +99,7 @@ def _block_sparse_fwd_kernel(
     LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     # axis 0 runs over (batch, head tile) so that the first wave holds every head's last
     # (heaviest, under causality) query tile: better tail balance
@@ -115,6 +127,11 @@ def _block_sparse_fwd_kernel(
     b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)
     K_base = K + b * stride_kb + h_kv * stride_kh
     V_base = V + b * stride_vb + h_kv * stride_vh
+    if USE_TMA:
+        K_base = tl.make_tensor_descriptor(K_base, shape=[seqlen_k, HEAD_DIM],
+                                           strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        V_base = tl.make_tensor_descriptor(V_base, shape=[seqlen_k, HEAD_DIM],
+                                           strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
 
     count = tl.load(Counts + b * stride_cb + h_layout * stride_ch + q_block * stride_cm)
     p_idx = Indices + b * stride_ib + h_layout * stride_ih + q_block * stride_im
@@ -148,7 +165,7 @@ def _block_sparse_fwd_kernel(
             acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
             stride_kn, stride_kd, stride_vn, stride_vd,
             kb * LAYOUT_BN + (j % N_SUB) * BLOCK_N, row_pos, seqlen_k, qk_scale, log2_threshold,
-            BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD)
+            BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
     n_visited = n_full * N_SUB
     # the masked suffix is a few tiles at most: not worth pipelining buffers
     for j in tl.range(n_full * N_SUB, count * N_SUB, num_stages=1):
@@ -163,7 +180,7 @@ def _block_sparse_fwd_kernel(
                 acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
                 stride_kn, stride_kd, stride_vn, stride_vd,
                 start_n, row_pos, seqlen_k, qk_scale, log2_threshold,
-                BLOCK_N, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, USE_THRESHOLD)
+                BLOCK_N, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
             n_visited += 1
 
     # rows that saw no key: l = 0, output 0, lse = -inf
@@ -183,23 +200,48 @@ def _block_sparse_fwd_kernel(
         tl.store(p_stats + 1, n_visited)
 
 
-# Tile shapes per head dim (rows of the query tile, key tile, warps, pipeline stages), picked by
-# bench/tune_block_sparse.py on an H100 (see bench/RESULTS.md). CPU (interpreter) ignores
-# warps/stages.
+# Tile shapes per head dim: (rows of the query tile, key tile, warps, pipeline stages), from a
+# sweep on an H100 (bf16, 32k, 32/8 heads, dense causal; bench/tune_block_sparse.py and
+# bench/RESULTS.md). All use the copy engine (TMA) for K/V when the strides allow.
 _HOPPER_CONFIGS = {
-    64: (128, 128, 8, 3),
-    128: (128, 128, 8, 3),
-    256: (64, 64, 4, 2),
+    64: (64, 128, 4, 2),
+    128: (128, 64, 4, 2),
+    256: (128, 64, 8, 2),
 }
 
 
-def default_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim."""
+def default_config(head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim and dtype."""
     padded = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
         return (64, 64, 4, 1)
+    if dtype == torch.float32:
+        # fp32 tiles take twice the shared memory; a correctness path, not a tuned one
+        return (64, 64 if padded <= 128 else 32, 4, 2)
     key = min(_HOPPER_CONFIGS, key=lambda d: abs(d - padded))
     return _HOPPER_CONFIGS[key]
+
+
+def _torch_workspace(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _can_use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Hopper's copy engine needs unit last stride, 16-byte aligned rows and bases, and a
+    power-of-two head dim (the box is the whole row)."""
+    if k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    d = k.shape[-1]
+    if d & (d - 1) or d < 16:
+        return False
+    elt = k.element_size()
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((st * elt) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
 
 
 def block_sparse_fwd(
@@ -207,6 +249,7 @@ def block_sparse_fwd(
     counts: torch.Tensor, indices: torch.Tensor, block_m: int, block_n: int,
     *, causal: bool, scale: float, softmax_threshold: float | None,
     return_lse: bool, pack_gqa: bool | None = None, config: tuple | None = None,
+    use_tma: bool | None = None,
 ):
     """Launch the kernel. Inputs are assumed validated (see sparse_attn.ops.block_sparse).
 
@@ -216,7 +259,7 @@ def block_sparse_fwd(
     hkv, seqlen_k = k.shape[1], k.shape[2]
     group = hq // hkv
     layout_per_kv = counts.shape[1] != hq
-    tile_m, tile_n, num_warps, num_stages = config or default_config(head_dim, q.device)
+    tile_m, tile_n, num_warps, num_stages = config or default_config(head_dim, q.dtype, q.device)
     # pack the group's heads into the tile rows when they share a (per-KV-head) layout and G is
     # a power of two (tile shapes must be)
     can_pack = layout_per_kv and group > 1 and group & (group - 1) == 0
@@ -238,6 +281,11 @@ def block_sparse_fwd(
              if use_threshold else None)
     log2_threshold = math.log2(softmax_threshold) if use_threshold else float("-inf")
     dummy = out  # stands in for absent outputs; never written
+    if use_tma is None:
+        use_tma = _can_use_tma(k, v)
+    if use_tma and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        # in-kernel tensor descriptors need a small global workspace
+        triton.set_allocator(_torch_workspace)
     _block_sparse_fwd_kernel[grid](
         q, k, v, out, lse if lse is not None else dummy, counts, indices,
         stats if stats is not None else dummy,
@@ -249,7 +297,7 @@ def block_sparse_fwd(
         LAYOUT_BM=block_m, LAYOUT_BN=block_n,
         BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        IS_CAUSAL=causal, USE_THRESHOLD=use_threshold, RETURN_LSE=return_lse,
+        IS_CAUSAL=causal, USE_THRESHOLD=use_threshold, RETURN_LSE=return_lse, USE_TMA=use_tma,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse, stats
