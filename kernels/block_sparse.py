@@ -101,10 +101,13 @@ def _block_sparse_fwd_kernel(
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr = False,
 ):
-    # axis 0 runs over (batch, head tile) so that the first wave holds every head's last
-    # (heaviest, under causality) query tile: better tail balance
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = (num_m_tiles - 1 - tl.program_id(1)).to(tl.int64)
+    # (batch, head tile) varies fastest and query tiles run last-first, so the first wave holds
+    # every head's heaviest (under causality) tile: better tail balance. A 1-D grid has no
+    # 65535 limit on the number of query tiles.
+    pid = tl.program_id(0).to(tl.int64)
+    num_bh = tl.num_programs(0).to(tl.int64) // num_m_tiles
+    pid_bh = pid % num_bh
+    pid_m = num_m_tiles - 1 - pid // num_bh
     b = pid_bh // num_head_tiles
     h0 = (pid_bh % num_head_tiles) * PACK  # first query head of the tile
     h_kv = h0 // GROUP
@@ -276,8 +279,8 @@ def block_sparse_fwd(
     lse = (torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=q.device)
            if return_lse else None)
     use_threshold = softmax_threshold is not None and softmax_threshold > 0
-    grid = (batch * num_head_tiles, num_m_tiles)
-    stats = (torch.zeros((grid[0] * grid[1], 2), dtype=torch.int32, device=q.device)
+    grid = (batch * num_head_tiles * num_m_tiles,)
+    stats = (torch.zeros((grid[0], 2), dtype=torch.int32, device=q.device)
              if use_threshold else None)
     log2_threshold = math.log2(softmax_threshold) if use_threshold else float("-inf")
     dummy = out  # stands in for absent outputs; never written
