@@ -11,9 +11,12 @@ setup(
         "sparse_attn.ops",
         "sparse_attn.reference",
         "sparse_attn.estimators",
+        "sparse_attn.integrations",
         "sparse_attn.kernels",
     ],
     package_dir={"sparse_attn.kernels": "kernels"},
+    # the demo's haystack (license texts, see sparse_attn/data/README.md)
+    package_data={"sparse_attn": ["data/*.txt", "data/README.md"]},
     # torch 2.11 (GPU image) .. 2.13 (CPU CI); triton 3.6 on both.
     install_requires=["torch>=2.11,<2.15", "triton>=3.6,<3.9", "einops", "numpy"],
     extras_require={

