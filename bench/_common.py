@@ -230,16 +230,6 @@ def random_layout(batch: int, heads: int, seqlen: int, density: float, *, block:
     return BlockLayout.from_mask(mask.view(batch, heads, nb, nb), block, block)
 
 
-def expand_heads(layout: BlockLayout, group: int) -> BlockLayout:
-    """A per-KV-head layout repeated for each query head of its group (query head h uses KV
-    head h // group)."""
-    if group == 1:
-        return layout
-    return BlockLayout(layout.counts.repeat_interleave(group, 1),
-                       layout.indices.repeat_interleave(group, 1),
-                       layout.block_m, layout.block_n, layout.num_k_blocks)
-
-
 def causal_pairs(seqlen: int) -> int:
     """Attendable (query, key) pairs of one causal head: S (S + 1) / 2."""
     return seqlen * (seqlen + 1) // 2

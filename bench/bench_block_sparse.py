@@ -3,8 +3,7 @@
 Batch 1, 32 query / 8 KV heads, bf16, causal; random per-KV-head layouts that keep each query
 block's diagonal and sink blocks. Reports ms (median, p20, p80), host ms per call (under 1 ms:
 near ms means host-bound), TFLOP/s on computed blocks, density, speedups, and
-max |ours - FlexAttention| (FlexAttention gets the layout repeated per query head: it reads a
-per-KV-head BlockMask as mask head = query head % H_kv); then a softmax-threshold (BLASST)
+max |ours - FlexAttention| (the BlockMask is built with `num_q_heads`); then a softmax-threshold (BLASST)
 section on peaked and on random inputs. Writes <out>/bench_block_sparse.{json,csv,png} and
 <out>/bench_block_sparse_threshold.csv.
 
@@ -21,7 +20,7 @@ import sys
 import torch
 
 from _common import (DTYPES, Budget, add_shape_args, attention_tflop, causal_pairs, env_info,
-                     env_line, exit_on_sigterm, expand_heads, free_cuda, guarded, parse_list,
+                     env_line, exit_on_sigterm, free_cuda, guarded, parse_list,
                      print_table, random_layout, random_qkv, require_cuda, run_meta, tflops,
                      time_provider, write_results)
 from sparse_attn import BlockLayout, block_sparse_attention
@@ -278,8 +277,7 @@ def dense_rows(args, prov, q, k, v, seqlen, head_dim, section, dry):
     return rows, ref
 
 
-def sparse_rows(args, prov, q, k, v, seqlen, head_dim, density, section, dry, flash_ref,
-                diagnose_kv_mask):
+def sparse_rows(args, prov, q, k, v, seqlen, head_dim, density, section, dry, flash_ref):
     """Ours and FlexAttention at one random layout, with the spot check."""
     device = "cpu" if dry else args.device
     seed = args.seed + seqlen + int(density * 1e4)
@@ -310,11 +308,8 @@ def sparse_rows(args, prov, q, k, v, seqlen, head_dim, density, section, dry, fl
         if args.skip_128k_flex and seqlen >= 128 * 1024:
             flex.update(available=False, ms=None, note="skipped (--skip-128k-flex)")
         else:
-            # the layout repeated per query head: a per-KV-head BlockMask would be read as
-            # mask head = query head % H_kv by FlexAttention, not query head // group
-            group = args.heads // layout.num_heads
-            mask, note = guarded(lambda: expand_heads(layout, group).to_block_mask(
-                seqlen, seqlen, causal=True))
+            mask, note = guarded(lambda: layout.to_block_mask(
+                seqlen, seqlen, causal=True, num_q_heads=args.heads))
             fn = prov.flex(q, k, v, mask) if mask is not None else None
             timing = (time_provider(fn, warmup=args.warmup, rep=args.rep) if fn
                       else {"available": False, "ms": None, "note": note})
@@ -325,8 +320,6 @@ def sparse_rows(args, prov, q, k, v, seqlen, head_dim, density, section, dry, fl
                     rows[0]["maxdiff"] = max_abs_diff(out_ours, out_flex)
                     notes.insert(0, f"max|ours-flex| {rows[0]['maxdiff']:.2e}")
                 del out_flex
-            if diagnose_kv_mask and group > 1 and out_ours is not None and timing["available"]:
-                flex["note"] = kv_mask_diagnosis(prov, q, k, v, layout, seqlen, out_ours)
             del fn, mask
         rows.append(flex)
     for r in rows:
@@ -338,18 +331,6 @@ def sparse_rows(args, prov, q, k, v, seqlen, head_dim, density, section, dry, fl
     del out_ours, layout
     free_cuda()
     return rows
-
-
-def kv_mask_diagnosis(prov, q, k, v, layout, seqlen, out_ours) -> str:
-    """What FlexAttention computes with the per-KV-head BlockMask as to_block_mask documents."""
-    res, note = guarded(lambda: prov.flex(q, k, v, layout.to_block_mask(
-        seqlen, seqlen, causal=True))())
-    if res is None:
-        return f"per-KV-head BlockMask: {note}"
-    diff = max_abs_diff(out_ours, res)
-    del res
-    return (f"a per-KV-head BlockMask (H={layout.num_heads}, as to_block_mask documents) gives "
-            f"max|flex-ours| {diff:.2e}")
 
 
 def threshold_rows(args, seqlen, head_dim, kinds, dry, budget):
@@ -559,7 +540,6 @@ def main(argv=None):
         add_speedups(rows, thr_rows)
         return write_results(rows, args.out, STEM, meta=meta, sections={"threshold": thr_rows})
 
-    diagnose = True
     try:
         for section, seqlen, head_dim, items in plan(args):
             print(f"[{budget.elapsed():6.0f}s] {section} S={seqlen} D={head_dim}", flush=True)
@@ -589,8 +569,7 @@ def main(argv=None):
                                  "note": "skipped: time budget spent"})
                     continue
                 rows.extend(sparse_rows(args, prov, q, k, v, seqlen, head_dim, density, section,
-                                        dry, flash_ref, diagnose and density < 1.0))
-                diagnose = diagnose and density >= 1.0
+                                        dry, flash_ref))
             del q, k, v, qkv, flash_ref
             free_cuda()
             save()

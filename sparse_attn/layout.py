@@ -305,17 +305,33 @@ class BlockLayout:
         covered = (self.to_mask().double() * pairs).sum((-1, -2)) / total
         return covered if per_head else float(covered.mean())
 
+    def repeat_heads(self, num_heads: int) -> "BlockLayout":
+        """A per-query-head copy of a per-KV-head layout (each KV head's lists repeated for
+        the ``num_heads // H`` query heads of its group)."""
+        if num_heads % self.num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of the layout's {self.num_heads} heads")
+        g = num_heads // self.num_heads
+        return BlockLayout(self.counts.repeat_interleave(g, 1).contiguous(),
+                           self.indices.repeat_interleave(g, 1).contiguous(),
+                           self.block_m, self.block_n, self.num_k_blocks)
+
     def to_block_mask(self, seqlen_q: int | None = None, seqlen_k: int | None = None, *,
-                      causal: bool = True):
+                      causal: bool = True, num_q_heads: int | None = None):
         """The same pattern as a FlexAttention ``BlockMask``.
 
         Built from the index lists (``BlockMask.from_kv_blocks``), never from a dense mask, so
         it works at 128k. ``block_m``/``block_n`` become its ``BLOCK_SIZE``. With ``causal``
         the mask function also applies token-level causality (queries aligned to the end).
-        A per-KV-head layout gives a per-KV-head mask: pass ``enable_gqa=True`` to
-        ``flex_attention`` then.
+        For a per-KV-head layout pass ``num_q_heads``: the mask is repeated per query head
+        (FlexAttention's GPU kernel maps query head ``h`` to mask head ``h % H``, not to its
+        GQA group, so a per-KV-head mask would be read wrongly).
         """
         from torch.nn.attention.flex_attention import BlockMask
+
+        if num_q_heads is not None and num_q_heads != self.num_heads:
+            return self.repeat_heads(num_q_heads).to_block_mask(seqlen_q, seqlen_k,
+                                                                causal=causal)
 
         seqlen_q = self.num_q_blocks * self.block_m if seqlen_q is None else seqlen_q
         seqlen_k = self.num_k_blocks * self.block_n if seqlen_k is None else seqlen_k
@@ -350,7 +366,10 @@ class BlockLayout:
                 order = torch.argsort((~sel).to(torch.uint8), dim=-1, stable=True)
                 return cnt, torch.gather(kv_indices, -1, order).contiguous()
             full_cnt, full_idx = _compact(full_sel)
-            part_cnt, part_idx = _compact(used & ~full_sel)
+            qb = torch.arange(self.num_q_blocks, device=self.device)[:, None]
+            # blocks wholly after the diagonal see nothing: leave them out
+            reach = used & (pairs[qb, self.indices.long().clamp(min=0)] > 0)
+            part_cnt, part_idx = _compact(reach & ~full_sel)
             return BlockMask.from_kv_blocks(
                 part_cnt, part_idx, full_cnt, full_idx,
                 BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=mask_mod,
