@@ -20,6 +20,28 @@ from triton.runtime import _allocation
 
 
 @triton.jit
+def _load_kv_tile(base, start_n, seqlen_k, stride_n, stride_d,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] rows start_n.. of a K or V head: a tensor descriptor (the copy engine
+    zero-fills rows past seqlen_k) or pointer loads masked at the edges."""
+    if USE_TMA:
+        tile = base.load([start_n.to(tl.int32), 0])
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+        if MASKED:
+            tile = tl.load(ptrs, mask=(offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM),
+                           other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _attend_tile(
     acc, l_i, m_i, n_skipped,
     b_q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -29,25 +51,14 @@ def _attend_tile(
     USE_TMA: tl.constexpr,
 ):
     """One key tile of the online softmax. K_base/V_base: pointers, or tensor descriptors
-    when USE_TMA."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_d = offs_d < HEAD_DIM
-    if USE_TMA:
-        # the copy engine zero-fills rows past seqlen_k: no load mask needed
-        b_k = tl.trans(K_base.load([start_n.to(tl.int32), 0]))
-    else:
-        # [BLOCK_D, BLOCK_N]: K^T
-        p_k = K_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
-        if MASKED:
-            b_k = tl.load(p_k, mask=(offs_n[None, :] < seqlen_k) & m_d[:, None], other=0.0)
-        elif BLOCK_D != HEAD_DIM:
-            b_k = tl.load(p_k, mask=m_d[:, None], other=0.0)
-        else:
-            b_k = tl.load(p_k)
+    when USE_TMA. A skipped tile never loads V (loading V before the skip decision was
+    measured slower on an H100: bench/RESULTS.md)."""
+    b_k = _load_kv_tile(K_base, start_n, seqlen_k, stride_kn, stride_kd,
+                        BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
     # [BLOCK_M, BLOCK_N] raw scores; the scale (with log2 e) is folded into the exp2's FMA
-    s = tl.dot(b_q, b_k)
+    s = tl.dot(b_q, tl.trans(b_k))
     if MASKED:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         visible = offs_n[None, :] < seqlen_k
         if IS_CAUSAL:
             visible = visible & (offs_n[None, :] <= row_pos[:, None])
@@ -69,17 +80,8 @@ def _attend_tile(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if USE_TMA:
-            b_v = V_base.load([start_n.to(tl.int32), 0])
-        else:
-            # [BLOCK_N, BLOCK_D]
-            p_v = V_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-            if MASKED:
-                b_v = tl.load(p_v, mask=(offs_n[:, None] < seqlen_k) & m_d[None, :], other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                b_v = tl.load(p_v, mask=m_d[None, :], other=0.0)
-            else:
-                b_v = tl.load(p_v)
+        b_v = _load_kv_tile(V_base, start_n, seqlen_k, stride_vn, stride_vd,
+                            BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc)
         m_i = m_new
     return acc, l_i, m_i, n_skipped
