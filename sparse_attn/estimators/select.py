@@ -138,6 +138,8 @@ class BlockEstimator(Estimator):
         64
     """
 
+    layouts_valid_by_construction = True  # every layout is built by from_mask
+
     block_m: int = 128
     block_n: int = 128
 
