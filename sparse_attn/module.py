@@ -21,9 +21,9 @@ from .reference.dense import dense_attention_ref
 __all__ = ["DEFAULT_MIN_SEQLEN", "SparseAttention", "sparse_attention"]
 
 # Key length below which SparseAttention runs dense attention: the crossover bench/e2e.py
-# measured on an H100 (2026-11-25, bench/RESULTS.md). Both streaming and block_topk (10%) were
-# slower than cuDNN SDPA up to 8k (0.97x and 0.66x there) and faster from 16k up (1.46x, 1.23x),
-# so below 16k the patched model runs dense and is never slower than the dense one.
+# measured on an H100 (2026-11-25, bench/RESULTS.md): streaming beats cuDNN SDPA from 8k,
+# block_topk (10%) from 16k (0.81x at 8k, 1.76x at 16k); the larger one keeps the patched model
+# never slower than the dense one.
 DEFAULT_MIN_SEQLEN = 16384
 
 # decode (q_len == 1) policies

