@@ -18,10 +18,13 @@
 #   TESTS_TIMEOUT=180 TUNE_TIMEOUT=240 BENCH_TIMEOUT=330: seconds per stage (a hang costs one
 #                stage, not the run); tuner and benchmark get a budget 40/60 s shorter, skip
 #                what does not fit and still write their results
-#   PYTEST_ARGS, TUNE_ARGS, BENCH_ARGS: extra arguments
+#   BENCHES      kernel-family benchmarks of the bench stage, each bench/bench_<name>.py
+#                (default "block_sparse stripe topk decode estimate"; missing ones are skipped);
+#                each gets --out, --budget-s and --quick
+#   PYTEST_ARGS, TUNE_ARGS, BENCH_ARGS: extra arguments (BENCH_ARGS go to every benchmark)
 #
-# Files in OUT_DIR (at most 8 come back): run.log (all output), pytest_gpu.log,
-# tune_block_sparse.json, bench_block_sparse.{json,csv,png}, bench_block_sparse_threshold.csv
+# Files in OUT_DIR: run.log (all output) and results.tar.gz (pytest_gpu.log, every benchmark's
+# json/csv/png, the tuner's json), since only 8 files come back from the device.
 set -uo pipefail
 
 OUT=${1:?usage: scripts/gpu_run.sh OUT_DIR}
@@ -33,11 +36,14 @@ QUICK_FLAG=$([[ ${QUICK:-0} == 1 ]] && echo --quick || true)
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-180}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-330}
+BENCHES=${BENCHES:-block_sparse stripe topk decode estimate}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+RES=$OUT/results
+mkdir -p "$RES"
 
 has_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -82,26 +88,29 @@ main() {
         local pytest=("$PYTHON" -P -m pytest)  # -P: keep the repository root off sys.path
         "$PYTHON" -P -c '' 2>/dev/null || pytest=(pytest)
         # shellcheck disable=SC2086
-        stage tests "$TESTS_TIMEOUT" "$OUT/pytest_gpu.log" \
+        stage tests "$TESTS_TIMEOUT" "$RES/pytest_gpu.log" \
             "${pytest[@]}" -m gpu tests/ -q ${PYTEST_ARGS:-}
     fi
     if has_stage tune; then
         # shellcheck disable=SC2086
-        stage tune "$TUNE_TIMEOUT" - "$PYTHON" bench/tune_block_sparse.py --out "$OUT" \
+        stage tune "$TUNE_TIMEOUT" - "$PYTHON" bench/tune_block_sparse.py --out "$RES" \
             --budget-s $((TUNE_TIMEOUT - 40)) $QUICK_FLAG ${TUNE_ARGS:-}
     fi
     if has_stage bench; then
-        # shellcheck disable=SC2086
-        stage bench "$BENCH_TIMEOUT" - "$PYTHON" bench/bench_block_sparse.py --out "$OUT" \
-            --budget-s $((BENCH_TIMEOUT - 60)) $QUICK_FLAG ${BENCH_ARGS:-}
+        local name script
+        for name in $BENCHES; do
+            script=bench/bench_$name.py
+            [[ -f $script ]] || { echo "=== bench_$name: no $script, skipped"; continue; }
+            # shellcheck disable=SC2086
+            stage "bench_$name" "$BENCH_TIMEOUT" - "$PYTHON" "$script" --out "$RES" \
+                --budget-s $((BENCH_TIMEOUT - 60)) $QUICK_FLAG ${BENCH_ARGS:-}
+        done
     fi
 
     echo
     echo "=== summary"
     printf '%s\n' "${SUMMARY[@]}"
-    local files
-    files=$(find "$OUT" -type f | wc -l)
-    echo "$files files in $OUT$( ((files > 8)) && echo ': only 8 come back')"
+    tar -czf "$OUT/results.tar.gz" -C "$OUT" results && echo "results.tar.gz: $(ls "$RES" | wc -l) files"
     [[ " ${SUMMARY[*]} " != *"exit "[1-9]* ]]
 }
 
