@@ -3,6 +3,7 @@ from .integrations import patch, unpatch
 from .layout import BlockLayout
 from .module import SparseAttention, sparse_attention
 from .ops.block_sparse import block_sparse_attention
+from .ops.decode import decode_attention
 from .reference import block_sparse_attention_ref, dense_attention_ref
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "SparseAttention",
     "block_sparse_attention",
     "block_sparse_attention_ref",
+    "decode_attention",
     "dense_attention_ref",
     "patch",
     "sparse_attention",

@@ -1,5 +1,7 @@
 """Pure-PyTorch references: the ground truth for tests and the CPU path. Never imports Triton."""
 from .dense import attention_ref, dense_attention_ref
 from .block_sparse import block_sparse_attention_ref
+from .decode import decode_attention_ref
 
-__all__ = ["attention_ref", "dense_attention_ref", "block_sparse_attention_ref"]
+__all__ = ["attention_ref", "dense_attention_ref", "block_sparse_attention_ref",
+           "decode_attention_ref"]
