@@ -107,7 +107,11 @@ def _decode_split_kernel(
         else:
             row_k = kpos * stride_kn
             row_v = kpos * stride_vn
-        m_kv = valid[:, None] & m_d[None, :]
+        # a D mask only when D is padded: a per-row mask keeps the loads 16-byte vectors
+        if BLOCK_D == HEAD_DIM:
+            m_kv = valid[:, None]
+        else:
+            m_kv = valid[:, None] & m_d[None, :]
         # [BLOCK_N, BLOCK_D]
         b_k = tl.load(K_base + row_k[:, None] + offs_d[None, :] * stride_kd, mask=m_kv, other=0.0)
         # [BLOCK_M, BLOCK_N] raw scores; scale (with log2 e) folded into the exp2's argument
@@ -192,8 +196,9 @@ _CONFIGS = {
     256: (32, 4, 3),
 }
 MAX_SPLITS = 64
-# splits until the grid holds about this many programs per SM
-_PROGRAMS_PER_SM = 4
+# splits until the grid holds about this many programs per SM: one wave (about 3 programs of
+# the default configs fit an SM by shared memory), so no tail of a second wave
+_PROGRAMS_PER_SM = 2
 # fewest key tiles a split should loop over (partials and the combine are not free)
 _MIN_TILES_PER_SPLIT = 4
 # most rows of a tile (query heads x tokens); a larger group is cut into head tiles

@@ -7,7 +7,12 @@ Every estimator is configured by a small dataclass and called as
     layout = est.estimate(q, k)
 
 ``available()`` lists the registered names.
+
+For decode, :class:`QuestSelector` picks KV-cache pages (Quest) for
+``sparse_attn.decode_attention(..., block_indices=...)``; it keeps per-page metadata beside the
+cache instead of mapping ``q, k`` to a layout, so it is a class of its own, not a registered name.
 """
 from .base import Estimator, available, get, register
+from .quest import QuestMetadata, QuestSelector
 
-__all__ = ["Estimator", "available", "get", "register"]
+__all__ = ["Estimator", "QuestMetadata", "QuestSelector", "available", "get", "register"]
