@@ -39,8 +39,8 @@ def _decode_split_kernel(
     num_kv_heads, capacity, nsel, per_split, qk_scale, log2_threshold,
     SQ: tl.constexpr, GROUP: tl.constexpr, HEADS_PER_TILE: tl.constexpr,
     NUM_HEAD_TILES: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, SPARSE: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_IN_BLOCK: tl.constexpr, PAGED: tl.constexpr,
+    SPARSE: tl.constexpr, HAS_SEQLENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -93,15 +93,30 @@ def _decode_split_kernel(
     for p0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         pos = p0 + offs_n
         valid = pos < end
+        # TILE_IN_BLOCK: the tile lies inside one block/page, so one index and one page number
+        # serve it (scalars); otherwise (blocks smaller than the tile) each row looks up its own
         if SPARSE:
-            blk = tl.load(p_idx + (pos // BLOCK_SIZE) * stride_ij, mask=valid, other=-1)
-            kpos = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+            if TILE_IN_BLOCK:
+                blk = tl.load(p_idx + (p0 // BLOCK_SIZE) * stride_ij).to(tl.int64)
+                kpos = blk * BLOCK_SIZE + p0 % BLOCK_SIZE + offs_n
+            else:
+                blk = tl.load(p_idx + (pos // BLOCK_SIZE) * stride_ij, mask=valid, other=-1)
+                blk = blk.to(tl.int64)
+                kpos = blk * BLOCK_SIZE + pos % BLOCK_SIZE
             valid = valid & (blk >= 0) & (kpos < seqlen)
         else:
             kpos = pos
         if PAGED:
-            page = tl.load(p_tab + (kpos // BLOCK_SIZE) * stride_tp, mask=valid, other=0)
-            slot = kpos % BLOCK_SIZE
+            if TILE_IN_BLOCK:
+                if SPARSE:
+                    # a -1 (padding) block would index the table at -1: read entry 0 instead
+                    page = tl.load(p_tab + tl.maximum(blk, 0) * stride_tp)
+                else:
+                    page = tl.load(p_tab + (p0 // BLOCK_SIZE) * stride_tp)
+                slot = p0 % BLOCK_SIZE + offs_n
+            else:
+                page = tl.load(p_tab + (kpos // BLOCK_SIZE) * stride_tp, mask=valid, other=0)
+                slot = kpos % BLOCK_SIZE
             row_k = page.to(tl.int64) * stride_kb + slot * stride_kn
             row_v = page.to(tl.int64) * stride_vb + slot * stride_vn
         else:
@@ -266,6 +281,13 @@ def decode_fwd(
         k_strides, v_strides = k_cache.stride(), v_cache.stride()
     group = hq // hkv
     block_n, num_warps, num_stages = config or default_config(head_dim, q.device)
+    tile_in_block = block_size % block_n == 0
+    if q.device.type == "cuda":
+        # each level of indirection (page number; per-row block index) takes two pipeline
+        # stages before the K/V loads that depend on it: without them a paged cache gets a
+        # single K/V buffer (sm_90 compile of the default configs, .scratch/aot_decode.py)
+        depth = int(block_table is not None) + int(block_indices is not None and not tile_in_block)
+        num_stages += 2 * depth
     heads_per_tile = max(1, min(group, _MAX_ROWS // sq))
     num_head_tiles = triton.cdiv(group, heads_per_tile)
     block_m = max(16, triton.next_power_of_2(heads_per_tile * sq))
@@ -304,7 +326,8 @@ def decode_fwd(
         idx.stride(0), idx.stride(1), idx.stride(2),
         hkv, capacity, nsel, per_split, scale * 1.4426950408889634, log2_threshold,
         SQ=sq, GROUP=group, HEADS_PER_TILE=heads_per_tile, NUM_HEAD_TILES=num_head_tiles,
-        NUM_SPLITS=splits, BLOCK_SIZE=block_size, PAGED=paged, SPARSE=sparse,
+        NUM_SPLITS=splits, BLOCK_SIZE=block_size, TILE_IN_BLOCK=tile_in_block,
+        PAGED=paged, SPARSE=sparse,
         HAS_SEQLENS=cache_seqlens is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=block_d,
         USE_THRESHOLD=use_threshold, RETURN_LSE=return_lse, NUM_STAGES=num_stages,
