@@ -251,6 +251,8 @@ def dense_section(args, batch, copy_gbps, budget):
             row.update(res, note="; ".join(notes))
             del fn
             free_cuda()
+        fn = None  # drop expanded K/V before the next backend
+        free_cuda()
         rows.append(add_bw(row, args, copy_gbps, nbytes))
     if not budget.spent():
         fn, note = guarded(flex_fn, q, k, v)
