@@ -407,6 +407,30 @@ def test_gpu_speculative_paged_sparse(sq):
 
 
 @pytest.mark.gpu
+def test_gpu_quest_bf16_finds_planted_pages():
+    """bf16 metadata (the default for a bf16 cache) at 32k: a page holding a key aligned with
+    the group's queries is selected, for every (batch, KV head)."""
+    from sparse_attn.estimators import QuestSelector
+
+    b, hq, hkv, s, d, page = 2, 32, 8, 32768, 128, 64
+    q, k, v = _inputs(b, hq, hkv, 1, s, d, torch.bfloat16)
+    planted = torch.randint(0, s // page - 1, (b, hkv), generator=torch.Generator().manual_seed(0))
+    for bi in range(b):
+        for h in range(hkv):
+            group_q = q[bi, h * (hq // hkv):(h + 1) * (hq // hkv), 0].float().mean(0)
+            k[bi, h, int(planted[bi, h]) * page + 5] = (32 * group_q).to(k.dtype)
+    quest = QuestSelector(page_size=page, density=1 / 16)
+    meta = quest.build(k)
+    assert meta.kmin.dtype == torch.bfloat16
+    idx = quest.select(q, meta).cpu()
+    for bi in range(b):
+        for h in range(hkv):
+            assert int(planted[bi, h]) in idx[bi, h].tolist()
+            assert idx[bi, h, -1].item() == s // page - 1
+    _check(q, k, v, block_indices=idx.to(DEVICE), block_size=page)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_graph_capture():
     """A decode step (Quest selection + sparse decode + dense decode) replays in a CUDA graph
     with new cache lengths and contents and no host sync."""

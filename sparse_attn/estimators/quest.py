@@ -28,9 +28,10 @@ class QuestMetadata:
     """Per-page key bounds.
 
     Attributes:
-        kmin, kmax: float32, ``[B, Hkv, num_pages, D]`` for a contiguous cache (page ``p`` holds
+        kmin, kmax: ``[B, Hkv, num_pages, D]`` for a contiguous cache (page ``p`` holds
             positions ``p*page_size ..``) or ``[num_pages, Hkv, D]`` per physical page of a paged
-            cache. A page without keys holds ``+inf`` / ``-inf``.
+            cache, in the selector's ``metadata_dtype``. A page without keys holds ``+inf`` /
+            ``-inf``.
         page_size: keys per page (the ``block_size`` of ``decode_attention``).
         paged: which of the two layouts.
     """
@@ -57,6 +58,9 @@ class QuestSelector:
         density: or keep this share of the cache's pages (``ceil(density * pages)``), in
             ``(0, 1]``; exactly one of ``top_k`` / ``density``.
         sink_pages: leading pages always kept (default 0, as in Quest).
+        metadata_dtype: dtype of the page bounds and of the bound matmuls (None: the cache's;
+            min/max of bf16 keys are bf16 values, so nothing is lost, and a select reads half
+            the bytes of float32; the bounds are then rounded to bf16 before the ranking).
 
     Example:
         >>> quest = QuestSelector(page_size=64, density=1 / 16)
@@ -72,6 +76,7 @@ class QuestSelector:
     top_k: int | None = None
     density: float | None = None
     sink_pages: int = 0
+    metadata_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         _check_page_size(self.page_size)
@@ -137,8 +142,9 @@ class QuestSelector:
             held = (slots[None] < held_n[:, None])[:, :, None, None]  # [pages, page, 1, 1]
             dim_slot = 1
         inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
-        kmin = torch.where(held, keys, inf).amin(dim_slot).float()
-        kmax = torch.where(held, keys, -inf).amax(dim_slot).float()
+        dtype = self.metadata_dtype or keys.dtype
+        kmin = torch.where(held, keys, inf).amin(dim_slot).to(dtype)
+        kmax = torch.where(held, keys, -inf).amax(dim_slot).to(dtype)
         if out is not None:
             out.kmin.copy_(kmin)
             out.kmax.copy_(kmax)
@@ -164,7 +170,7 @@ class QuestSelector:
         if block_table is None:
             batch, hkv, _, dim = k_cache.shape
             gather_idx = pos[:, None, :, None].expand(batch, hkv, num_new, dim)
-            new = k_cache.gather(2, gather_idx).float()  # [B, Hkv, T, D]
+            new = k_cache.gather(2, gather_idx).to(meta.kmin.dtype)  # [B, Hkv, T, D]
             keep = ok[:, None, :, None]
             page_idx = (pos // page)[:, None, :, None].expand(batch, hkv, num_new, dim)
             meta.kmin.scatter_reduce_(2, page_idx, torch.where(keep, new, math.inf), "amin")
@@ -172,7 +178,7 @@ class QuestSelector:
         else:
             num_pages, _, hkv, dim = k_cache.shape
             phys = block_table.long().gather(1, pos // page).clamp(0, num_pages - 1)  # [B, T]
-            new = k_cache[phys, pos % page].float()  # [B, T, Hkv, D]
+            new = k_cache[phys, pos % page].to(meta.kmin.dtype)  # [B, T, Hkv, D]
             keep = ok[:, :, None, None]
             page_idx = phys[:, :, None, None].expand(-1, -1, hkv, dim).flatten(0, 1)
             lo = torch.where(keep, new, math.inf).flatten(0, 1)
@@ -205,10 +211,10 @@ class QuestSelector:
         if hq % hkv or kmin.shape[0] != batch or kmin.shape[-1] != dim:
             raise ValueError(f"QuestSelector: q {tuple(q.shape)} does not fit metadata "
                              f"{tuple(kmin.shape)} (batch, KV heads, head dim)")
-        qg = q.float().reshape(batch, hkv, (hq // hkv) * sq, dim)
+        qg = q.to(kmin.dtype).reshape(batch, hkv, (hq // hkv) * sq, dim)
         # sum_i max(q_i min_i, q_i max_i) = relu(q) . max + min(q, 0) . min
-        bound = (torch.matmul(qg.clamp(min=0), kmax.transpose(-1, -2))
-                 + torch.matmul(qg.clamp(max=0), kmin.transpose(-1, -2)))
+        bound = (torch.matmul(qg.clamp(min=0), kmax.transpose(-1, -2)).float()
+                 + torch.matmul(qg.clamp(max=0), kmin.transpose(-1, -2)).float())
         return bound.amax(2)
 
     def select(self, q: torch.Tensor, meta: QuestMetadata, *,
