@@ -385,18 +385,22 @@ def test_quest_bad_config():
 # ---- GPU: bf16, long caches, CUDA graphs ----
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.bfloat16),
+                                     (128, torch.float16), (256, torch.bfloat16)],
+                         ids=["D64-bf16", "D128-bf16", "D128-fp16", "D256-bf16"])
 def test_gpu_long_cache(d, dtype):
     q, k, v = _inputs(2, 32, 8, 1, 32768, d, dtype)
     lens = torch.tensor([32768, 12345], dtype=torch.int32, device=DEVICE)
     _check(q, k, v, cache_seqlens=lens)
+    # BLASST with a negligible threshold: the same result
+    _check(q, k, v, cache_seqlens=lens, threshold=1e-30)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sq", [1, 4, 8])
-def test_gpu_speculative_paged_sparse(sq):
-    b, hq, hkv, s, page = 3, 32, 8, 16384, 64
+@pytest.mark.parametrize("sq,page", [(1, 64), (4, 16), (8, 64)])
+def test_gpu_speculative_paged_sparse(sq, page):
+    """Pages of 64 (one page number per tile) and 16 (per-row lookups: the deepest pipeline)."""
+    b, hq, hkv, s = 3, 32, 8, 16384
     q, k, v = _inputs(b, hq, hkv, sq, s, 128, torch.bfloat16)
     kp, table = _to_paged(k, page)
     vp, _ = _to_paged(v, page)
@@ -404,6 +408,7 @@ def test_gpu_speculative_paged_sparse(sq):
     idx = _sorted_selection(b, hkv, table.shape[1], 16, pad=3)
     _check(q, kp, vp, block_table=table, cache_seqlens=lens, ref_kv=(k, v))
     _check(q, kp, vp, block_table=table, cache_seqlens=lens, block_indices=idx, ref_kv=(k, v))
+    _check(q, k, v, cache_seqlens=lens, block_indices=idx, block_size=page)
 
 
 @pytest.mark.gpu
