@@ -42,6 +42,30 @@ def _load_kv_tile(base, start_n, seqlen_k, stride_n, stride_d,
 
 
 @triton.jit
+def _threshold_skip(m_blk, m_i, log2_threshold):
+    """BLASST: whether a key tile can be skipped: in every row its max score (log2 units)
+    sits below the running max by more than -log2(threshold)."""
+    # a row whose running max is -inf (nothing seen yet) gets gap=+inf: never skipped
+    gap = tl.where(m_blk == float("-inf"), float("-inf"), m_blk - m_i)
+    return tl.max(gap, 0) < log2_threshold
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, MASKED: tl.constexpr):
+    """Online-softmax update for raw scores ``s`` whose row max (scaled, log2 units) is
+    ``m_blk``: ``(p, m_new, l_i, acc)`` with ``l_i`` and ``acc`` rescaled to the new max."""
+    m_new = tl.maximum(m_i, m_blk)
+    if MASKED:
+        # fully masked rows keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, m_new, l_i, acc
+
+
+@triton.jit
 def _attend_tile(
     acc, l_i, m_i, n_skipped,
     b_q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -66,20 +90,11 @@ def _attend_tile(
     m_blk = tl.max(s, 1) * qk_scale
     skip = False
     if USE_THRESHOLD:
-        # a row whose running max is -inf (nothing seen yet) gets gap=+inf: never skipped
-        gap = tl.where(m_blk == float("-inf"), float("-inf"), m_blk - m_i)
-        skip = tl.max(gap, 0) < log2_threshold
+        skip = _threshold_skip(m_blk, m_i, log2_threshold)
     if skip:
         n_skipped += 1
     else:
-        m_new = tl.maximum(m_i, m_blk)
-        if MASKED:
-            # fully masked rows keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, MASKED)
         b_v = _load_kv_tile(V_base, start_n, seqlen_k, stride_vn, stride_vd,
                             BLOCK_N, HEAD_DIM, BLOCK_D, MASKED, USE_TMA)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc)

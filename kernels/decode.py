@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_sparse import _softmax_step, _threshold_skip
+
 
 @triton.jit
 def _decode_split_kernel(
@@ -136,20 +138,12 @@ def _decode_split_kernel(
         m_blk = tl.max(s, 1) * qk_scale
         skip = False
         if USE_THRESHOLD:
-            # rows that have seen nothing (m_i = -inf) give gap = +inf: never skipped
-            gap = tl.where(m_blk == float("-inf"), float("-inf"), m_blk - m_i)
-            skip = tl.max(gap, 0) < log2_threshold
+            skip = _threshold_skip(m_blk, m_i, log2_threshold)
         if not skip:
-            m_new = tl.maximum(m_i, m_blk)
-            # rows with nothing visible yet keep m = -inf; subtract 0 so exp2 gives 0, not NaN
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, True)
             b_v = tl.load(V_base + row_v[:, None] + offs_d[None, :] * stride_vd, mask=m_kv,
                           other=0.0)
-            acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None])
-            m_i = m_new
+            acc = tl.dot(p.to(b_v.dtype), b_v, acc)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
