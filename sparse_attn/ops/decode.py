@@ -179,7 +179,8 @@ def decode_attention(
         block_size: key block of ``block_indices`` for a contiguous cache (default 64); must be
             None or the page size for a paged cache.
         softmax_threshold: BLASST skipping: a key tile whose every score satisfies
-            ``exp(s - running_max) < softmax_threshold`` is skipped. None/0: exact.
+            ``exp(s - running_max) < softmax_threshold`` is skipped. None/0: exact (the torch
+            backend is always exact).
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]`` (float32, natural log; ``-inf``
             for rows with nothing to attend, whose output is 0).
