@@ -320,7 +320,8 @@ def quest_section(args, batch, tensors, dense_ms):
     if meta is None:
         return [{**base, "provider": "quest_build", "available": False, "note": note}]
     rows.append({**base, "provider": "quest_build",
-                 **timed(lambda: quest.build(k, cache_seqlens=lens, out=meta), args)})
+                 **timed(lambda: quest.build(k, cache_seqlens=lens, out=meta), args,
+                         graph=False)})  # once per prefill: its temporaries stay out of graphs
     # update with the last key again (lens unchanged): the same work as after an append
     rows.append({**base, "provider": "quest_update",
                  **timed(lambda: quest.update(meta, k, cache_seqlens=lens), args)})
