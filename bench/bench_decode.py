@@ -377,6 +377,7 @@ def plot(rows, path):
     labels = [f"B{r['batch']} {r['provider']}" for r in dense]
     axes[0].barh(labels, [r.get("graph_ms") or r["ms"] for r in dense])
     axes[0].set_xlabel("ms (CUDA graph, L2 flushed; eager where no graph)")
+    axes[0].set_xscale("log")
     axes[0].set_title("dense decode")
     for batch in sorted({r["batch"] for r in rows if r["section"] == "topk"}):
         for prov in sorted({r["provider"] for r in rows if r["section"] == "topk"}):
