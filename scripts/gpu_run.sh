@@ -21,6 +21,7 @@
 #   BENCHES      kernel-family benchmarks of the bench stage, each bench/bench_<name>.py
 #                (default "block_sparse stripe topk decode estimate"; missing ones are skipped);
 #                each gets --out, --budget-s and --quick
+#   TESTS        test files or folders for the tests stage (default tests/)
 #   PYTEST_ARGS, TUNE_ARGS, BENCH_ARGS: extra arguments (BENCH_ARGS go to every benchmark)
 #
 # Files in OUT_DIR: run.log (all output) and results.tar.gz (pytest_gpu.log, every benchmark's
@@ -89,7 +90,7 @@ main() {
         "$PYTHON" -P -c '' 2>/dev/null || pytest=(pytest)
         # shellcheck disable=SC2086
         stage tests "$TESTS_TIMEOUT" "$RES/pytest_gpu.log" \
-            "${pytest[@]}" -m gpu tests/ -q ${PYTEST_ARGS:-}
+            "${pytest[@]}" -m gpu ${TESTS:-tests/} -q ${PYTEST_ARGS:-}
     fi
     if has_stage tune; then
         # shellcheck disable=SC2086
