@@ -1,4 +1,5 @@
 """sparse_attn: Triton and CUDA kernels for sparse attention in long-context LLM prefill."""
+from ._info import info
 from .integrations import patch, unpatch
 from .layout import BlockLayout
 from .module import SparseAttention, sparse_attention
@@ -15,6 +16,7 @@ __all__ = [
     "block_sparse_attention_ref",
     "decode_attention",
     "dense_attention_ref",
+    "info",
     "patch",
     "sparse_attention",
     "unpatch",

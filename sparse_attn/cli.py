@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from ._info import info
+
 
 def _prepare_backend() -> str:
     """'cuda', or 'cpu' with Triton's interpreter switched on before any kernel import."""
@@ -18,25 +20,6 @@ def _prepare_backend() -> str:
         return "cuda"
     os.environ.setdefault("TRITON_INTERPRET", "1")
     return "cpu"
-
-
-def info() -> dict:
-    """Versions and the device the kernels would run on."""
-    import torch
-    import triton
-
-    out = {
-        "sparse_attn": __import__("sparse_attn").__version__,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "kernel backend": "triton" if torch.cuda.is_available() else
-        ("triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "torch reference"),
-    }
-    if torch.cuda.is_available():
-        out["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    return out
 
 
 def kernel_demo(seqlen: int | None, density: float, device: str | None, head_dim: int) -> None:

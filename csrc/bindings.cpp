@@ -1,0 +1,94 @@
+// torch bindings of the CUDA kernels: ops registered as torch.ops.sparse_attn.<name>.
+//
+// The Python wrappers (sparse_attn/_cuda.py) validate arguments first and give each op a fake
+// (meta) implementation for torch.compile; the TORCH_CHECKs here guard the C++ entry points
+// against misuse from elsewhere. A failing CUDA call raises a RuntimeError naming the kernel.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "sparse_attn.h"
+
+namespace sparse_attn {
+namespace {
+
+#define SA_CHECK_CUDA(call, kernel)                                                       \
+  do {                                                                                   \
+    const cudaError_t sa_err_ = (call);                                                  \
+    TORCH_CHECK(sa_err_ == cudaSuccess, "sparse_attn CUDA kernel ", kernel, " failed: ", \
+                cudaGetErrorString(sa_err_));                                            \
+  } while (0)
+
+// An optional uint8/bool [n, nkb] row table broadcast over `rows` (read at row % n).
+const uint8_t* row_table(const c10::optional<at::Tensor>& t, const at::Tensor& probs,
+                         const char* name, int64_t* n) {
+  *n = 1;
+  if (!t.has_value()) return nullptr;
+  const at::Tensor& x = *t;
+  TORCH_CHECK(x.is_cuda() && x.device() == probs.device(), "select_blocks: ", name,
+              " must be on the device of probs");
+  TORCH_CHECK(x.scalar_type() == at::kBool || x.scalar_type() == at::kByte, "select_blocks: ",
+              name, " must be bool or uint8, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == probs.size(1) && x.is_contiguous(),
+              "select_blocks: ", name, " must be contiguous [n, nkb] with nkb = ", probs.size(1));
+  TORCH_CHECK(x.size(0) >= 1 && probs.size(0) % x.size(0) == 0, "select_blocks: ", name,
+              " rows (", x.size(0), ") must divide the rows of probs (", probs.size(0), ")");
+  *n = x.size(0);
+  return reinterpret_cast<const uint8_t*>(x.data_ptr());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(
+    const at::Tensor& probs, const c10::optional<at::Tensor>& valid,
+    const c10::optional<at::Tensor>& keep, const c10::optional<at::Tensor>& count, double mass) {
+  TORCH_CHECK(probs.is_cuda(), "select_blocks: probs must be a CUDA tensor");
+  TORCH_CHECK(probs.scalar_type() == at::kFloat, "select_blocks: probs must be float32, got ",
+              probs.scalar_type());
+  TORCH_CHECK(probs.dim() == 2 && probs.is_contiguous(),
+              "select_blocks: probs must be contiguous [rows, nkb]");
+  const int64_t rows = probs.size(0);
+  const int64_t nkb = probs.size(1);
+  TORCH_CHECK(nkb <= kSelectMaxBlocks, "select_blocks: at most ", kSelectMaxBlocks,
+              " key blocks per row, got ", nkb);
+  c10::cuda::CUDAGuard guard(probs.device());
+  int64_t valid_rows, keep_rows;
+  const uint8_t* valid_ptr = row_table(valid, probs, "valid", &valid_rows);
+  const uint8_t* keep_ptr = row_table(keep, probs, "keep", &keep_rows);
+  const int32_t* count_ptr = nullptr;
+  int64_t count_rows = 1;
+  if (count.has_value()) {
+    const at::Tensor& c = *count;
+    TORCH_CHECK(c.is_cuda() && c.device() == probs.device() && c.scalar_type() == at::kInt &&
+                    c.dim() == 1 && c.is_contiguous() && c.size(0) >= 1 &&
+                    rows % c.size(0) == 0,
+                "select_blocks: count must be a contiguous int32 [n] CUDA tensor with n "
+                "dividing the rows of probs");
+    count_ptr = c.data_ptr<int32_t>();
+    count_rows = c.size(0);
+  } else {
+    TORCH_CHECK(mass > 0.0 && mass <= 1.0, "select_blocks: mass must lie in (0, 1], got ", mass);
+  }
+  auto mask = at::empty({rows, nkb}, probs.options().dtype(at::kBool));
+  auto indices = at::empty({rows, nkb}, probs.options().dtype(at::kInt));
+  auto counts = at::empty({rows}, probs.options().dtype(at::kInt));
+  SA_CHECK_CUDA(
+      launch_select_blocks(probs.data_ptr<float>(), valid_ptr, valid_rows, keep_ptr, keep_rows,
+                           count_ptr, count_rows, static_cast<float>(mass), rows,
+                           static_cast<int>(nkb), reinterpret_cast<uint8_t*>(mask.data_ptr()),
+                           indices.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                           c10::cuda::getCurrentCUDAStream()),
+      "select_blocks");
+  return {mask, indices, counts};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sparse_attn, m) {
+  m.def(
+      "select_blocks(Tensor probs, Tensor? valid, Tensor? keep, Tensor? count, float mass) -> "
+      "(Tensor mask, Tensor indices, Tensor counts)");
+}
+
+TORCH_LIBRARY_IMPL(sparse_attn, CUDA, m) { m.impl("select_blocks", &select_blocks_cuda); }
+
+}  // namespace sparse_attn

@@ -1,0 +1,234 @@
+// Per-row block selection (top-k or cumulative softmax mass) by radix select: no sort.
+//
+// One CTA per row of block probabilities [rows, nkb]. The row's keys live in shared memory as
+// order-preserving uint32 (the bits of a non-negative float, + 1 so that 0 means "not a
+// candidate"); four MSB-first 8-bit passes find the threshold key T of the budget from
+// histograms of counts (top-k) or of probability sums (mass), then one ordered pass writes the
+// mask and the ascending index list with a block scan. Ties at T are taken lowest index first.
+//
+// Matches sparse_attn.estimators.select.select_blocks (the torch reference):
+//   candidates  = valid & ~keep, ranked by probability;
+//   mass < 1    : forced + fewest highest candidates (prob > 0) whose running sum reaches
+//                 mass * (sum over valid), the block crossing the target included;
+//   mass == 1   : every candidate with prob > 0;
+//   count       : max(count - #keep, 0) highest candidates (prob >= 0).
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "sparse_attn.h"
+
+namespace sparse_attn {
+namespace {
+
+constexpr int kThreads = 256;  // one histogram bin per thread
+constexpr int kRadixBits = 8;
+constexpr uint32_t kKeepBit = 0x80000000u;  // keys of forced blocks (never ranked)
+
+struct RowStats {
+  float total;   // sum of valid probabilities
+  float forced;  // sum of forced (keep) probabilities
+  float cand;    // sum of candidate probabilities
+  int nkeep;
+  int ncand;
+};
+
+struct RowStatsSum {
+  __device__ RowStats operator()(const RowStats& a, const RowStats& b) const {
+    return {a.total + b.total, a.forced + b.forced, a.cand + b.cand, a.nkeep + b.nkeep,
+            a.ncand + b.ncand};
+  }
+};
+
+struct Bin {
+  float weight;  // count (top-k) or probability sum (mass) of the keys at or above a bin
+  int count;
+};
+
+struct BinSum {
+  __device__ Bin operator()(const Bin& a, const Bin& b) const {
+    return {a.weight + b.weight, a.count + b.count};
+  }
+};
+
+__device__ __forceinline__ float key_value(uint32_t key) { return __uint_as_float(key - 1u); }
+
+__global__ void __launch_bounds__(kThreads)
+select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict__ valid,
+                     int64_t valid_rows, const uint8_t* __restrict__ keep, int64_t keep_rows,
+                     const int32_t* __restrict__ count, int64_t count_rows, float mass, int nkb,
+                     uint8_t* __restrict__ mask, int32_t* __restrict__ indices,
+                     int32_t* __restrict__ counts) {
+  using Reduce = cub::BlockReduce<RowStats, kThreads>;
+  using ScanBin = cub::BlockScan<Bin, kThreads>;
+  using ScanInt = cub::BlockScan<int, kThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename ScanBin::TempStorage scan_bin;
+    typename ScanInt::TempStorage scan_int;
+  } tmp;
+  __shared__ int hist_count[1 << kRadixBits];
+  __shared__ float hist_weight[1 << kRadixBits];
+  __shared__ RowStats stats;
+  __shared__ uint32_t s_prefix;
+  __shared__ float s_need;     // weight still to cover below the fixed prefix
+  __shared__ int s_tie_count;  // keys equal to the threshold
+  __shared__ int s_carry[2];
+  extern __shared__ uint32_t keys[];  // [nkb]
+
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  const float* p_row = probs + row * nkb;
+  const uint8_t* valid_row = valid ? valid + (row % valid_rows) * nkb : nullptr;
+  const uint8_t* keep_row = keep ? keep + (row % keep_rows) * nkb : nullptr;
+  const bool by_count = count != nullptr;
+
+  RowStats local{0.f, 0.f, 0.f, 0, 0};
+  for (int i = tid; i < nkb; i += kThreads) {
+    const float p = fmaxf(p_row[i], 0.f);
+    const bool v = valid_row ? valid_row[i] != 0 : p > 0.f;
+    const bool k = v && keep_row && keep_row[i] != 0;
+    const bool c = v && !k;
+    keys[i] = k ? kKeepBit : (c ? __float_as_uint(p) + 1u : 0u);
+    local.total += v ? p : 0.f;
+    local.forced += k ? p : 0.f;
+    local.cand += (c && p > 0.f) ? p : 0.f;
+    local.nkeep += k;
+    local.ncand += (c && (by_count || p > 0.f));
+  }
+  RowStats red = Reduce(tmp.reduce).Reduce(local, RowStatsSum());
+  if (tid == 0) stats = red;
+  __syncthreads();
+
+  // the budget, as weight to cover among the ranked keys (>= min_key)
+  const uint32_t min_key = by_count ? 1u : 2u;  // top-k ranks zeros too; mass does not
+  float need;
+  uint32_t threshold;  // keys above it are taken, ties up to `take_ties`
+  bool select = false;
+  if (by_count) {
+    const int extra = max(count[row % count_rows] - stats.nkeep, 0);
+    need = static_cast<float>(min(extra, stats.ncand));
+    select = need > 0.f;
+    threshold = 0xffffffffu;
+  } else if (mass >= 1.f) {
+    need = 0.f;
+    threshold = 1u;  // every candidate with p > 0
+  } else {
+    need = mass * stats.total - stats.forced;
+    select = need > 0.f && stats.ncand > 0;
+    threshold = 0xffffffffu;
+  }
+
+  int take_ties = 0;
+  if (select) {
+    if (tid == 0) {
+      s_prefix = 0u;
+      s_need = need;
+    }
+    for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+      hist_count[tid] = 0;
+      hist_weight[tid] = 0.f;
+      __syncthreads();
+      const uint32_t prefix = s_prefix;
+      const uint32_t high = shift + kRadixBits >= 32 ? 0u : (0xffffffffu << (shift + kRadixBits));
+      for (int i = tid; i < nkb; i += kThreads) {
+        uint32_t key = keys[i];
+        key = (key & kKeepBit) ? 0u : key;
+        if (key >= min_key && (key & high) == prefix) {
+          const int digit = (key >> shift) & ((1 << kRadixBits) - 1);
+          atomicAdd(&hist_count[digit], 1);
+          if (!by_count) atomicAdd(&hist_weight[digit], key_value(key));
+        }
+      }
+      __syncthreads();
+      // thread t holds bin 255 - t: an inclusive scan sums the bins at or above it
+      const int digit = (1 << kRadixBits) - 1 - tid;
+      const int cnt = hist_count[digit];
+      const Bin mine{by_count ? static_cast<float>(cnt) : hist_weight[digit], cnt};
+      Bin incl, total;
+      ScanBin(tmp.scan_bin).InclusiveScan(mine, incl, BinSum(), total);
+      const float rem = s_need;
+      const float excl = incl.weight - mine.weight;
+      // the bin where the running weight crosses `rem`; with rounding the crossing may be
+      // missed, then the lowest non-empty bin takes everything
+      const bool crosses = excl < rem && incl.weight >= rem;
+      const bool lowest = cnt > 0 && incl.count == total.count && total.weight < rem;
+      __syncthreads();
+      if (cnt > 0 && (crosses || lowest)) {
+        s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+        s_need = rem - excl;
+        s_tie_count = cnt;
+      }
+      __syncthreads();
+    }
+    threshold = s_prefix;
+    const float rem = s_need;
+    if (by_count) {
+      take_ties = static_cast<int>(rem);
+    } else {
+      // tie j (0-based) is taken while the mass before it is short of the target
+      const float ratio = rem / key_value(threshold);
+      take_ties = ratio >= static_cast<float>(s_tie_count) ? s_tie_count
+                                                            : static_cast<int>(ceilf(ratio));
+    }
+  }
+
+  // ordered pass: mask, tie ranks and output positions by block scans over chunks
+  if (tid == 0) {
+    s_carry[0] = 0;
+    s_carry[1] = 0;
+  }
+  __syncthreads();
+  uint8_t* mask_row = mask + row * nkb;
+  int32_t* idx_row = indices + row * nkb;
+  for (int base = 0; base < nkb; base += kThreads) {
+    const int i = base + tid;
+    const uint32_t key = i < nkb ? keys[i] : 0u;
+    const bool forced = key & kKeepBit;
+    const bool tie = !forced && key == threshold;
+    int rank, ties_here;
+    ScanInt(tmp.scan_int).ExclusiveSum(tie ? 1 : 0, rank, ties_here);
+    rank += s_carry[0];
+    const bool take = i < nkb && (forced || (key > threshold && !forced) ||
+                                  (tie && rank < take_ties));
+    __syncthreads();
+    int pos, taken_here;
+    ScanInt(tmp.scan_int).ExclusiveSum(take ? 1 : 0, pos, taken_here);
+    pos += s_carry[1];
+    if (i < nkb) {
+      mask_row[i] = take;
+      if (take) idx_row[pos] = i;
+    }
+    __syncthreads();
+    if (tid == 0) {
+      s_carry[0] += ties_here;
+      s_carry[1] += taken_here;
+    }
+    __syncthreads();
+  }
+  const int taken = s_carry[1];
+  for (int i = taken + tid; i < nkb; i += kThreads) idx_row[i] = -1;
+  if (tid == 0) counts[row] = taken;
+}
+
+}  // namespace
+
+cudaError_t launch_select_blocks(const float* probs, const uint8_t* valid, int64_t valid_rows,
+                                 const uint8_t* keep, int64_t keep_rows, const int32_t* count,
+                                 int64_t count_rows, float mass, int64_t rows, int nkb,
+                                 uint8_t* mask, int32_t* indices, int32_t* counts,
+                                 cudaStream_t stream) {
+  if (rows == 0 || nkb == 0) return cudaSuccess;
+  if (nkb > kSelectMaxBlocks || rows > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(nkb) * sizeof(uint32_t);
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(
+        select_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  select_blocks_kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(
+      probs, valid, valid_rows, keep, keep_rows, count, count_rows, mass, nkb, mask, indices,
+      counts);
+  return cudaGetLastError();
+}
+
+}  // namespace sparse_attn
