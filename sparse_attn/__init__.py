@@ -1,17 +1,19 @@
 """sparse_attn: Triton and CUDA kernels for sparse attention in long-context LLM prefill."""
 from ._info import info
 from .integrations import patch, unpatch
-from .layout import BlockLayout
+from .layout import BlockLayout, TopKLayout
 from .module import SparseAttention, sparse_attention
 from .ops.block_sparse import block_sparse_attention
 from .ops.decode import decode_attention
-from .reference import block_sparse_attention_ref, dense_attention_ref
+from .ops.topk import topk_attention, topk_indices
+from .reference import block_sparse_attention_ref, dense_attention_ref, topk_attention_ref
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockLayout",
     "SparseAttention",
+    "TopKLayout",
     "block_sparse_attention",
     "block_sparse_attention_ref",
     "decode_attention",
@@ -19,6 +21,9 @@ __all__ = [
     "info",
     "patch",
     "sparse_attention",
+    "topk_attention",
+    "topk_attention_ref",
+    "topk_indices",
     "unpatch",
     "__version__",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "causal_pair_counts"]
+__all__ = ["BlockLayout", "causal_pair_counts", "TopKLayout"]
 
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
@@ -378,3 +378,180 @@ class BlockLayout:
             self.counts, kv_indices.contiguous(), BLOCK_SIZE=(self.block_m, self.block_n),
             mask_mod=None, seq_lengths=(seqlen_q, seqlen_k))
 
+
+@dataclass
+class TopKLayout:
+    """Key positions to attend for each (batch, KV head, query token): token-level top-k
+    (DeepSeek sparse attention, HISA).
+
+    Attributes:
+        indices: int32 ``[B, Hkv, Sq, K]``: up to ``K`` key positions per query token, shared by
+            the query heads of the KV head's group. Any order within a row (a top-k selection
+            returns them unsorted), no duplicates; ``-1`` pads a row, and padding is trailing
+            only (no ``-1`` before a valid entry).
+
+    Causality is not part of the layout: with ``causal=True`` the kernel also masks positions
+    after the query's absolute position (query row ``i`` sits at ``Sk - Sq + i``).
+
+    Example:
+        >>> idx = torch.tensor([[[[0, -1], [0, 1]]]], dtype=torch.int32)  # B=1, Hkv=1, Sq=2
+        >>> TopKLayout(idx).to_mask(2, 2).int()
+        tensor([[[[1, 0],
+                  [1, 1]]]], dtype=torch.int32)
+    """
+
+    indices: torch.Tensor
+
+    def __post_init__(self):
+        idx = self.indices
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 4:
+            raise ValueError(
+                f"TopKLayout.indices must be an int32 tensor [B, Hkv, Sq, K], got "
+                f"{getattr(idx, 'shape', type(idx))}")
+        if idx.dtype != torch.int32:
+            if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+                raise TypeError(f"TopKLayout.indices must be int32, got {idx.dtype}")
+            self.indices = idx.to(torch.int32)
+        if idx.shape[-1] == 0:
+            raise ValueError("TopKLayout.indices has K=0 slots per token")
+        self._merged: dict = {}
+
+    # ----------------------------------------------------------------------------- shape
+    @property
+    def batch(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.indices.shape[2]
+
+    @property
+    def k(self) -> int:
+        """Slots per token (the padded width of ``indices``)."""
+        return self.indices.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    def to(self, device) -> "TopKLayout":
+        return TopKLayout(self.indices.to(device))
+
+    def __repr__(self) -> str:
+        return (f"TopKLayout(B={self.batch}, Hkv={self.num_heads}, Sq={self.seqlen_q}, "
+                f"K={self.k}, device={self.device})")
+
+    # ----------------------------------------------------------------------- construction
+    @classmethod
+    def from_mask(cls, token_mask: torch.Tensor, k: int | None = None) -> "TopKLayout":
+        """Build from a bool ``[B, H, Sq, Sk]`` mask (True = attend).
+
+        ``k`` is the padded width; by default the largest row count (a host synchronisation).
+        A row with more than ``k`` True entries raises ``ValueError``. Indices come out sorted.
+        """
+        if not isinstance(token_mask, torch.Tensor) or token_mask.dim() != 4:
+            raise ValueError(
+                f"token_mask must be a bool tensor [B, H, Sq, Sk], got "
+                f"{getattr(token_mask, 'shape', type(token_mask))}")
+        if token_mask.dtype != torch.bool:
+            raise TypeError(f"token_mask must be torch.bool, got {token_mask.dtype}")
+        counts = token_mask.sum(-1)
+        most = int(counts.max()) if counts.numel() else 0
+        if k is None:
+            k = max(most, 1)
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if most > k:
+            raise ValueError(f"token_mask has a row with {most} keys, more than k={k}")
+        sk = token_mask.shape[-1]
+        order = torch.argsort((~token_mask).to(torch.uint8), dim=-1, stable=True)
+        order = order[..., :k].to(torch.int32)
+        if k > sk:
+            order = torch.cat([order, order.new_full((*order.shape[:-1], k - sk), -1)], -1)
+        slot = torch.arange(k, device=token_mask.device)
+        return cls(torch.where(slot < counts[..., None], order, -1).contiguous())
+
+    # ----------------------------------------------------------------------------- checks
+    def validate(self, seqlen_q: int, seqlen_k: int, *, check_indices: bool = True) -> None:
+        """Raise ``ValueError`` if the layout does not fit these lengths.
+
+        ``check_indices`` also checks every index lies in ``[-1, seqlen_k)``, that ``-1`` only
+        pads the end of a row and that no row repeats a position (reads back to the host and
+        sorts the rows, in chunks: leave it off on a hot path).
+        """
+        if self.seqlen_q != seqlen_q:
+            raise ValueError(
+                f"TopKLayout has {self.seqlen_q} query tokens but seqlen_q={seqlen_q}: was it "
+                f"built for another sequence length?")
+        if not check_indices:
+            return
+        chunk = max(1, (1 << 26) // max(1, self.batch * self.num_heads * self.k))
+        for start in range(0, seqlen_q, chunk):
+            idx = self.indices[:, :, start:start + chunk].long()
+            bad = (idx < -1) | (idx >= seqlen_k)
+            if bool(bad.any()):
+                b, h, t, j = (int(x) for x in bad.nonzero()[0].tolist())
+                raise ValueError(
+                    f"TopKLayout index out of range at [b, h, token, slot]=({b}, {h}, "
+                    f"{start + t}, {j}): {int(idx[b, h, t, j])} not in [-1, {seqlen_k})")
+            pad = idx < 0
+            gap = pad[..., :-1] & ~pad[..., 1:]
+            if bool(gap.any()):
+                b, h, t, j = (int(x) for x in gap.nonzero()[0].tolist())
+                raise ValueError(
+                    f"TopKLayout -1 padding must be trailing; at [b, h, token]=({b}, {h}, "
+                    f"{start + t}) slot {j} is -1 but slot {j + 1} is {int(idx[b, h, t, j + 1])}")
+            srt = idx.sort(-1).values
+            dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+            if bool(dup.any()):
+                b, h, t, j = (int(x) for x in dup.nonzero()[0].tolist())
+                raise ValueError(
+                    f"TopKLayout indices repeat key {int(srt[b, h, t, j])} at [b, h, token]="
+                    f"({b}, {h}, {start + t})")
+
+    # ------------------------------------------------------------------------ conversions
+    def to_mask(self, seqlen_q: int, seqlen_k: int, *, causal: bool = False,
+                q_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Bool ``[B, Hkv, Sq, Sk]`` of the (query, key) pairs attended.
+
+        With ``causal`` keys after each query's absolute position are dropped (queries aligned
+        to the end). ``q_range=(start, stop)`` returns only those query rows.
+        """
+        self.validate(seqlen_q, seqlen_k, check_indices=False)
+        start, stop = (0, seqlen_q) if q_range is None else q_range
+        idx = self.indices[:, :, start:stop].long()
+        mask = torch.zeros((*idx.shape[:-1], seqlen_k + 1), dtype=torch.bool, device=self.device)
+        mask.scatter_(-1, torch.where(idx >= 0, idx, seqlen_k), True)  # pads to a spare column
+        mask = mask[..., :seqlen_k]
+        if causal:
+            rows = torch.arange(start, stop, device=self.device)
+            cols = torch.arange(seqlen_k, device=self.device)
+            mask &= cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
+        return mask
+
+    to_token_mask = to_mask
+
+    def density(self, seqlen_q: int | None = None, seqlen_k: int | None = None, *,
+                causal: bool = True, per_head: bool = False):
+        """Share of the attendable (query, key) pairs the layout attends (against the causal
+        area when ``causal``; positions after a query then do not count). Returns a float, or
+        with ``per_head`` a float tensor ``[B, Hkv]``."""
+        seqlen_q = self.seqlen_q if seqlen_q is None else seqlen_q
+        if seqlen_k is None:
+            seqlen_k = seqlen_q
+        self.validate(seqlen_q, seqlen_k, check_indices=False)
+        idx = self.indices.long()
+        pos = torch.arange(seqlen_q, device=self.device) + (seqlen_k - seqlen_q)
+        used = idx >= 0
+        if causal:
+            used &= idx <= pos[:, None]
+            area = float((pos + 1).clamp(min=0, max=seqlen_k).sum())
+        else:
+            area = float(seqlen_q * seqlen_k)
+        covered = used.sum((-1, -2), dtype=torch.float64) / max(area, 1.0)
+        return covered if per_head else float(covered.mean())

@@ -1,5 +1,7 @@
 """Public functions, one module per kernel family."""
 from .block_sparse import block_sparse_attention
 from .decode import decode_attention
+from .topk import topk_attention, topk_indices
 
-__all__ = ["block_sparse_attention", "decode_attention"]
+__all__ = ["block_sparse_attention", "decode_attention", "topk_attention",
+           "topk_indices"]
