@@ -29,6 +29,8 @@ logger = logging.getLogger("sparse_attn")
 # translation units of the extension (csrc/); kernels are torch-free, bindings.cpp is not
 SOURCES = ("bindings.cpp", "select.cu")
 EXTENSION_NAME = "sparse_attn_C"
+# key blocks per row the selection kernel keeps in shared memory (csrc/sparse_attn.h)
+SELECT_MAX_BLOCKS = 32768
 
 _state = {"state": "not loaded", "detail": ""}
 

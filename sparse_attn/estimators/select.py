@@ -48,7 +48,7 @@ def _is_real(x) -> bool:
 
 def select_blocks(probs: torch.Tensor, *, valid: torch.Tensor | None = None,
                   keep: torch.Tensor | None = None, mass: float | None = None,
-                  count: int | torch.Tensor | None = None) -> torch.Tensor:
+                  count: int | torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Bool block mask from block probabilities under a mass or a count budget.
 
     Args:
@@ -64,6 +64,10 @@ def select_blocks(probs: torch.Tensor, *, valid: torch.Tensor | None = None,
             nonzero probability.
         count: int or int tensor broadcastable to ``[B, H, NQB]``: blocks per row, forced ones
             included (the forced blocks are kept even beyond it); capped by the valid blocks.
+        backend: ``"auto"`` (the CUDA selection kernel for CUDA inputs when the extension is
+            available, else torch), ``"cuda"`` (raise when it is not) or ``"torch"`` (one sort
+            and a cumsum: the reference). Ties are taken lowest block first by the kernel, in
+            an unspecified order by torch.
 
     Returns:
         bool ``[B, H, NQB, NKB]``, True = compute that tile.
@@ -77,6 +81,20 @@ def select_blocks(probs: torch.Tensor, *, valid: torch.Tensor | None = None,
         raise ValueError("select_blocks needs exactly one budget: mass= or count=")
     if mass is not None and not (_is_real(mass) and 0.0 < mass <= 1.0):
         raise ValueError(f"select_blocks: mass must lie in (0, 1], got {mass!r}")
+    if backend not in ("auto", "cuda", "torch"):
+        raise ValueError(f"select_blocks: backend must be 'auto', 'cuda' or 'torch', got "
+                         f"{backend!r}")
+    if backend != "torch" and probs.is_cuda and probs.dim() >= 1 and probs.numel() > 0:
+        from .. import _cuda
+
+        ext = _cuda.ops()
+        if ext is not None and probs.shape[-1] <= _cuda.SELECT_MAX_BLOCKS:
+            return _select_blocks_cuda(ext, probs, valid, keep, mass, count)
+    if backend == "cuda":
+        raise RuntimeError(
+            f"select_blocks: backend='cuda' needs CUDA inputs (got {probs.device}), the CUDA "
+            f"extension ({_cuda_state()}) and at most {_max_blocks()} key blocks per row (got "
+            f"{probs.shape[-1] if probs.dim() else 0})")
     probs = probs.float().clamp(min=0)
     valid = (probs > 0) if valid is None else valid.expand_as(probs)
     keep = torch.zeros_like(valid) if keep is None else keep.expand_as(probs) & valid
@@ -98,6 +116,47 @@ def select_blocks(probs: torch.Tensor, *, valid: torch.Tensor | None = None,
         take = (slot < extra[..., None]) & (sorted_key >= 0)
     chosen = torch.zeros_like(valid).scatter(-1, order, take)
     return chosen | keep
+
+
+def _cuda_state() -> str:
+    from .. import _cuda
+
+    return "{state}: {detail}".format(**_cuda.status())
+
+
+def _max_blocks() -> int:
+    from .. import _cuda
+
+    return _cuda.SELECT_MAX_BLOCKS
+
+
+def _row_table(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` broadcast to ``shape``, as a contiguous table over the trailing dims that vary:
+    ``[X, shape[-1]]`` (or ``[X]`` for a per-row table) read at ``row % X`` by the kernel."""
+    t = t.to(dtype).expand(shape)
+    lead = 0  # leading dims along which t is broadcast
+    while lead < len(shape) - 1 and (t.stride(lead) == 0 or shape[lead] == 1):
+        lead += 1
+    return t[(0,) * lead].contiguous().reshape(-1, *shape[-1:])
+
+
+def _select_blocks_cuda(ext, probs, valid, keep, mass, count) -> torch.Tensor:
+    """select_blocks on the CUDA radix-select kernel (csrc/select.cu)."""
+    shape = probs.shape
+    rows_shape = shape[:-1]
+    p2 = probs.float().contiguous().reshape(-1, shape[-1])
+    v2 = None if valid is None else _row_table(valid, shape, torch.bool)
+    k2 = None if keep is None else _row_table(keep, shape, torch.bool)
+    c1 = None
+    if count is not None:
+        if isinstance(count, torch.Tensor):
+            c = count.to(device=probs.device).clamp(-2**31, 2**31 - 1).to(torch.int32)
+        else:
+            c = torch.full((), max(min(int(count), 2**31 - 1), -2**31), dtype=torch.int32,
+                           device=probs.device)
+        c1 = _row_table(c[..., None], (*rows_shape, 1), torch.int32).reshape(-1)
+    mask, _, _ = ext.select_blocks(p2, v2, k2, c1, float(mass) if mass is not None else 1.0)
+    return mask.reshape(shape)
 
 
 def reduce_gqa(probs: torch.Tensor, num_kv_heads: int, how: str) -> torch.Tensor:
