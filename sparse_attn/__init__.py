@@ -1,7 +1,7 @@
 """sparse_attn: Triton and CUDA kernels for sparse attention in long-context LLM prefill."""
 from ._info import info
 from .integrations import patch, unpatch
-from .layout import BlockLayout, TopKLayout
+from .layout import BlockLayout, StripeLayout, TopKLayout
 from .module import SparseAttention, sparse_attention
 from .ops.block_sparse import block_sparse_attention
 from .ops.decode import decode_attention
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockLayout",
     "SparseAttention",
+    "StripeLayout",
     "TopKLayout",
     "block_sparse_attention",
     "block_sparse_attention_ref",

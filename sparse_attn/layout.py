@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "causal_pair_counts", "TopKLayout"]
+__all__ = ["BlockLayout", "StripeLayout", "causal_pair_counts", "TopKLayout"]
 
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
 
@@ -377,6 +377,372 @@ class BlockLayout:
         return BlockMask.from_kv_blocks(
             self.counts, kv_indices.contiguous(), BLOCK_SIZE=(self.block_m, self.block_n),
             mask_mod=None, seq_lengths=(seqlen_q, seqlen_k))
+
+
+def _compact_positions(values: torch.Tensor, keep: torch.Tensor, width: int):
+    """Move the kept entries of every row of ``values`` (``[..., W]``, in order) to the front.
+
+    Returns ``(counts int32 [...], indices int32 [..., width])`` with ``-1`` after the kept
+    entries; kept entries past ``width`` are dropped (``counts`` clamped). No host sync.
+    """
+    slot = torch.cumsum(keep, dim=-1, dtype=torch.int32) - 1
+    target = torch.where(keep & (slot < width), slot, width).long()
+    out = torch.full((*keep.shape[:-1], width + 1), -1, dtype=torch.int32,
+                     device=values.device)
+    out.scatter_(-1, target, values.to(torch.int32).expand_as(target).contiguous())
+    out[..., width] = -1
+    counts = keep.sum(-1, dtype=torch.int32).clamp(max=width)
+    return counts, out[..., :width].contiguous()
+
+
+def _rows_per_chunk(row_elems: int, budget: int = 1 << 26) -> int:
+    return max(1, budget // max(1, row_elems))
+
+
+@dataclass
+class StripeLayout:
+    """Dense key blocks plus gathered key positions ("stripes") for each (batch, head, query block).
+
+    AnchorAttention's fine-grained pattern and MInference's vertical-slash pattern: each query
+    block computes the key blocks of ``blocks`` densely (sink, local window, slashes) and then
+    the discrete key positions of ``col_indices``, which the kernel gathers from K and V.
+
+    Attributes:
+        blocks: :class:`BlockLayout` (``block_m`` x ``block_n`` tiles) computed densely.
+        col_counts: int32 ``[B, H, NQB]``, how many stripe positions each query block uses.
+        col_indices: int32 ``[B, H, NQB, MAXC]``, key positions strictly increasing in the first
+            ``col_counts`` entries, ``-1`` after; never inside a dense block of the same query
+            block (a position is computed once).
+
+    ``H`` is the query heads or the KV heads (a per-KV-head layout is shared by the query heads
+    of the group). Causality is not part of the layout: the kernel masks per position.
+
+    Example:
+        >>> bm = torch.zeros(1, 1, 2, 2, dtype=torch.bool); bm[..., 0, 0] = bm[..., 1, 1] = True
+        >>> cm = torch.zeros(1, 1, 2, 32, dtype=torch.bool); cm[..., 1, 3] = True
+        >>> lay = StripeLayout.from_mask(bm, cm, block_m=16, block_n=16)
+        >>> lay.col_counts.tolist(), lay.col_indices[0, 0, 1, :1].tolist()
+        ([[[0, 1]]], [3])
+    """
+
+    blocks: BlockLayout
+    col_counts: torch.Tensor
+    col_indices: torch.Tensor
+
+    def __post_init__(self):
+        if not isinstance(self.blocks, BlockLayout):
+            raise TypeError(
+                f"StripeLayout.blocks must be a BlockLayout, got {type(self.blocks).__name__}")
+        if not isinstance(self.col_counts, torch.Tensor) or self.col_counts.dim() != 3:
+            raise ValueError(
+                f"StripeLayout.col_counts must be an int32 tensor [B, H, NQB], got "
+                f"{getattr(self.col_counts, 'shape', type(self.col_counts))}")
+        if not isinstance(self.col_indices, torch.Tensor) or self.col_indices.dim() != 4:
+            raise ValueError(
+                f"StripeLayout.col_indices must be an int32 tensor [B, H, NQB, MAXC], got "
+                f"{getattr(self.col_indices, 'shape', type(self.col_indices))}")
+        for name in ("col_counts", "col_indices"):
+            t = getattr(self, name)
+            if t.dtype != torch.int32:
+                if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                    raise TypeError(f"StripeLayout.{name} must be int32, got {t.dtype}")
+                setattr(self, name, t.to(torch.int32))
+        if self.col_indices.shape[:3] != self.col_counts.shape:
+            raise ValueError(
+                f"StripeLayout.col_indices {tuple(self.col_indices.shape)} and col_counts "
+                f"{tuple(self.col_counts.shape)} disagree on [B, H, NQB]")
+        if self.col_counts.shape != self.blocks.counts.shape:
+            raise ValueError(
+                f"StripeLayout.col_counts {tuple(self.col_counts.shape)} and blocks.counts "
+                f"{tuple(self.blocks.counts.shape)} disagree on [B, H, NQB]")
+        if not (self.col_counts.device == self.col_indices.device == self.blocks.device):
+            raise ValueError(
+                f"StripeLayout tensors on different devices: blocks {self.blocks.device}, "
+                f"col_counts {self.col_counts.device}, col_indices {self.col_indices.device}")
+
+    # ----------------------------------------------------------------------------- shape
+    @property
+    def batch(self) -> int:
+        return self.blocks.batch
+
+    @property
+    def num_heads(self) -> int:
+        return self.blocks.num_heads
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.blocks.num_q_blocks
+
+    @property
+    def block_m(self) -> int:
+        return self.blocks.block_m
+
+    @property
+    def block_n(self) -> int:
+        return self.blocks.block_n
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.blocks.num_k_blocks
+
+    @property
+    def max_columns(self) -> int:
+        """Padded width ``MAXC`` of ``col_indices``."""
+        return self.col_indices.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def to(self, device) -> "StripeLayout":
+        return StripeLayout(self.blocks.to(device), self.col_counts.to(device),
+                            self.col_indices.to(device))
+
+    def __repr__(self) -> str:
+        return (
+            f"StripeLayout(B={self.batch}, H={self.num_heads}, NQB={self.num_q_blocks}, "
+            f"NKB={self.num_k_blocks}, MAXB={self.blocks.max_blocks}, MAXC={self.max_columns}, "
+            f"block_m={self.block_m}, block_n={self.block_n}, device={self.device})")
+
+    # ----------------------------------------------------------------------- construction
+    @classmethod
+    def from_mask(cls, block_mask: torch.Tensor, column_mask: torch.Tensor, block_m: int = 64,
+                  block_n: int = 64, max_columns: int | None = None) -> "StripeLayout":
+        """Build from a bool block mask ``[B, H, NQB, NKB]`` and a bool column mask
+        ``[B, H, NQB, Sk]`` (True = gather that key position for that query block).
+
+        Columns inside a dense block of the same query block are dropped (computed once).
+        ``max_columns`` sets the padded width of ``col_indices`` (default ``Sk``: no host
+        synchronisation); columns past it are dropped, the latest first.
+        """
+        if not isinstance(column_mask, torch.Tensor) or column_mask.dim() != 4:
+            raise ValueError(
+                f"column_mask must be a bool tensor [B, H, NQB, Sk], got "
+                f"{getattr(column_mask, 'shape', type(column_mask))}")
+        if column_mask.dtype != torch.bool:
+            raise TypeError(f"column_mask must be torch.bool, got {column_mask.dtype}")
+        blocks = BlockLayout.from_mask(block_mask, block_m, block_n)
+        if block_mask.shape[:3] != column_mask.shape[:3]:
+            raise ValueError(
+                f"block_mask {tuple(block_mask.shape)} and column_mask "
+                f"{tuple(column_mask.shape)} disagree on [B, H, NQB]")
+        sk = column_mask.shape[-1]
+        if _cdiv(sk, block_n) != block_mask.shape[-1]:
+            raise ValueError(
+                f"column_mask has {sk} key positions, which need {_cdiv(sk, block_n)} key "
+                f"blocks of {block_n}, but block_mask has {block_mask.shape[-1]}")
+        width = sk if max_columns is None else int(max_columns)
+        if width < 1:
+            raise ValueError(f"max_columns must be >= 1, got {max_columns}")
+        b, h, nqb, _ = column_mask.shape
+        counts = torch.empty((b, h, nqb), dtype=torch.int32, device=column_mask.device)
+        indices = torch.empty((b, h, nqb, width), dtype=torch.int32, device=column_mask.device)
+        keys = torch.arange(sk, device=column_mask.device)
+        step = _rows_per_chunk(b * h * sk * 8)
+        for m0 in range(0, nqb, step):
+            m1 = min(nqb, m0 + step)
+            dense = block_mask[:, :, m0:m1][..., keys // block_n]
+            counts[:, :, m0:m1], indices[:, :, m0:m1] = _compact_positions(
+                keys, column_mask[:, :, m0:m1] & ~dense, width)
+        return cls(blocks, counts, indices)
+
+    @classmethod
+    def from_vertical_slash(cls, vertical_indices: torch.Tensor, slash_offsets: torch.Tensor,
+                            seqlen_q: int, seqlen_k: int, *, block_m: int = 64,
+                            block_n: int = 64, max_columns: int | None = None
+                            ) -> "StripeLayout":
+        """MInference's vertical-slash pattern as a StripeLayout.
+
+        Args:
+            vertical_indices: int ``[B, H, NV]`` key positions (vertical lines); any order,
+                repeats allowed, negative entries are padding.
+            slash_offsets: int ``[B, H, NS]`` diagonal offsets ``query_abs_pos - key_pos >= 0``
+                (queries aligned to the end: row ``i`` sits at ``seqlen_k - seqlen_q + i``);
+                repeats allowed, negative entries are padding, offsets ``>= seqlen_k`` hit
+                nothing.
+            seqlen_q, seqlen_k: sequence lengths.
+            block_m, block_n: tile sizes.
+            max_columns: padded width of ``col_indices``. ``None`` trims it to the most columns
+                any query block keeps (one host synchronisation); an int keeps it static.
+
+        Returns:
+            A :class:`StripeLayout`: every key block a query block's diagonal band crosses is
+            dense; each vertical line is a stripe of every query block that can see it
+            (causally), unless it falls inside one of that block's dense blocks.
+
+        Example:
+            >>> v = torch.tensor([[[0, 5]]]); s = torch.tensor([[[0]]])
+            >>> lay = StripeLayout.from_vertical_slash(v, s, 64, 64, block_m=16, block_n=16)
+            >>> lay.blocks.counts.tolist(), lay.col_counts.tolist()  # diagonal blocks, 2 stripes
+            ([[[1, 1, 1, 1]]], [[[0, 2, 2, 2]]])
+        """
+        for name, t in (("vertical_indices", vertical_indices), ("slash_offsets", slash_offsets)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be an int tensor [B, H, N], got "
+                                 f"{getattr(t, 'shape', type(t))}")
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if vertical_indices.shape[:2] != slash_offsets.shape[:2]:
+            raise ValueError(
+                f"vertical_indices {tuple(vertical_indices.shape)} and slash_offsets "
+                f"{tuple(slash_offsets.shape)} disagree on [B, H]")
+        if seqlen_q < 1 or seqlen_k < seqlen_q:
+            raise ValueError(
+                f"need 1 <= seqlen_q <= seqlen_k, got seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
+        for name in ("block_m", "block_n"):
+            if locals()[name] not in _BLOCK_SIZES:
+                raise ValueError(f"{name} must be one of {_BLOCK_SIZES}, got {locals()[name]}")
+        dev = vertical_indices.device
+        b, h = vertical_indices.shape[:2]
+        nqb, nkb = _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n)
+        offset = seqlen_k - seqlen_q
+        first = torch.arange(nqb, device=dev) * block_m + offset  # absolute row positions
+        last = (torch.arange(nqb, device=dev) * block_m + block_m - 1).clamp(
+            max=seqlen_q - 1) + offset
+        # slashes: key = row - s over the block's rows covers [first - s, last - s]
+        s = slash_offsets.long()[:, :, None, :]  # [B, H, 1, NS]
+        hi = last[None, None, :, None] - s
+        lo = (first[None, None, :, None] - s).clamp(min=0)
+        ok = (s >= 0) & (hi >= 0)
+        kb_lo, kb_hi = lo.div(block_n, rounding_mode="floor"), hi.div(block_n, rounding_mode="floor")
+        block_mask = torch.zeros((b, h, nqb, nkb + 1), dtype=torch.bool, device=dev)
+        for j in range(_cdiv(block_m - 1, block_n) + 1):  # blocks a band of block_m rows crosses
+            kb = kb_lo + j
+            hit = ok & (kb <= kb_hi)
+            block_mask.scatter_(-1, torch.where(hit, kb, nkb).expand(b, h, nqb, -1), True)
+        block_mask = block_mask[..., :nkb].contiguous()
+        blocks = BlockLayout.from_mask(block_mask, block_m, block_n)
+        # verticals: sorted, unique, in range; per query block drop the unseen and the dense
+        v = vertical_indices.long().sort(-1).values
+        valid = (v >= 0) & (v < seqlen_k)
+        if v.shape[-1] > 1:
+            valid[..., 1:] &= v[..., 1:] != v[..., :-1]
+        v = v.clamp(0, seqlen_k - 1)
+        nv = v.shape[-1]
+        if max_columns is None:
+            width = max(1, int(valid.sum(-1).max())) if valid.numel() else 1
+        else:
+            width = int(max_columns)
+            if width < 1:
+                raise ValueError(f"max_columns must be >= 1, got {max_columns}")
+        counts = torch.empty((b, h, nqb), dtype=torch.int32, device=dev)
+        indices = torch.empty((b, h, nqb, width), dtype=torch.int32, device=dev)
+        step = _rows_per_chunk(b * h * max(nv, 1) * 8)
+        vb = (v // block_n)[:, :, None, :]
+        for m0 in range(0, nqb, step):
+            m1 = min(nqb, m0 + step)
+            dense = torch.gather(block_mask[:, :, m0:m1], -1, vb.expand(b, h, m1 - m0, nv))
+            keep = (valid[:, :, None, :] & ~dense
+                    & (v[:, :, None, :] <= last[None, None, m0:m1, None]))
+            counts[:, :, m0:m1], indices[:, :, m0:m1] = _compact_positions(
+                v[:, :, None, :], keep, width)
+        return cls(blocks, counts, indices)
+
+    # ----------------------------------------------------------------------------- checks
+    def validate(self, seqlen_q: int, seqlen_k: int, *, check_indices: bool = True) -> None:
+        """Raise ``ValueError`` if the layout does not fit these sequence lengths.
+
+        ``check_indices`` also checks the dense blocks (see :meth:`BlockLayout.validate`) and
+        that every used stripe position lies in ``[0, seqlen_k)`` (so ``-1`` only pads the
+        end), strictly increases and avoids the query block's dense blocks (reads the layout
+        back to the host: leave it off on a hot path).
+        """
+        self.blocks.validate(seqlen_q, seqlen_k, check_indices=check_indices)
+        if not check_indices:
+            return
+        counts = self.col_counts.long()
+        if bool((counts < 0).any()) or bool((counts > self.max_columns).any()):
+            raise ValueError(
+                f"StripeLayout col_counts must lie in [0, {self.max_columns}] (the width of "
+                f"col_indices), got range [{int(counts.min())}, {int(counts.max())}]")
+        slot = torch.arange(self.max_columns, device=self.device)
+        used = slot < counts[..., None]
+        idx = self.col_indices.long()
+        bad = used & ((idx < 0) | (idx >= seqlen_k))
+        if bool(bad.any()):
+            where = tuple(int(x) for x in bad.nonzero()[0].tolist())
+            what = ("-1 padding before the end of the used entries" if int(idx[where]) == -1
+                    else f"{int(idx[where])} not in [0, {seqlen_k})")
+            raise ValueError(
+                f"StripeLayout col_indices out of range at [b, h, qblock, slot]={where}: {what}")
+        if self.max_columns > 1:
+            unsorted = used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])
+            if bool(unsorted.any()):
+                b, h, m, j = (int(x) for x in unsorted.nonzero()[0].tolist())
+                raise ValueError(
+                    f"StripeLayout col_indices must be strictly increasing per query block; at "
+                    f"[b, h, qblock]=({b}, {h}, {m}) slot {j + 1}: "
+                    f"{int(idx[b, h, m, j + 1])} follows {int(idx[b, h, m, j])}")
+        inside = used & torch.gather(self.blocks.to_mask(), -1,
+                                     (idx.clamp(min=0) // self.block_n))
+        if bool(inside.any()):
+            b, h, m, j = (int(x) for x in inside.nonzero()[0].tolist())
+            raise ValueError(
+                f"StripeLayout column {int(idx[b, h, m, j])} at [b, h, qblock]=({b}, {h}, {m}) "
+                f"lies inside one of that query block's dense key blocks")
+
+    # ------------------------------------------------------------------------ conversions
+    def to_mask(self, seqlen_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(block_mask [B, H, NQB, NKB], column_mask [B, H, NQB, Sk])`` bool masks
+        (``Sk`` defaults to ``NKB * block_n``)."""
+        sk = self.num_k_blocks * self.block_n if seqlen_k is None else seqlen_k
+        col = torch.zeros((*self.col_counts.shape, sk + 1), dtype=torch.bool,
+                          device=self.device)
+        slot = torch.arange(self.max_columns, device=self.device)
+        used = slot < self.col_counts[..., None].long()
+        idx = self.col_indices.long()
+        col.scatter_(-1, torch.where(used & (idx >= 0) & (idx < sk), idx, sk), True)
+        return self.blocks.to_mask(), col[..., :sk]
+
+    def to_token_mask(self, seqlen_q: int, seqlen_k: int, *, causal: bool = False,
+                      q_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Bool ``[B, H, Sq, Sk]`` of the (query, key) pairs attended (dense blocks and
+        stripes); with ``causal`` keys after each query (aligned to the end) are dropped.
+        ``q_range=(start, stop)`` returns only those rows."""
+        start, stop = (0, seqlen_q) if q_range is None else q_range
+        tok = self.blocks.to_token_mask(seqlen_q, seqlen_k, causal=causal, q_range=(start, stop))
+        _, col = self.to_mask(seqlen_k)
+        rows = torch.arange(start, stop, device=self.device)
+        tok |= col[:, :, rows // self.block_m]
+        if causal:
+            cols = torch.arange(seqlen_k, device=self.device)
+            tok &= cols[None, :] <= rows[:, None] + (seqlen_k - seqlen_q)
+        return tok
+
+    def density(self, seqlen_q: int | None = None, seqlen_k: int | None = None, *,
+                causal: bool = True, per_head: bool = False):
+        """Share of the attendable (query, key) pairs computed (dense blocks plus stripes),
+        against the causal area when ``causal``, like :meth:`BlockLayout.density`. Returns a
+        float, or with ``per_head`` a float tensor ``[B, H]``."""
+        seqlen_q = self.num_q_blocks * self.block_m if seqlen_q is None else seqlen_q
+        seqlen_k = self.num_k_blocks * self.block_n if seqlen_k is None else seqlen_k
+        self.validate(seqlen_q, seqlen_k, check_indices=False)
+        pairs = causal_pair_counts(
+            seqlen_q, seqlen_k, self.block_m, self.block_n, causal, self.device).double()
+        total = pairs.sum().clamp(min=1)
+        covered = (self.blocks.to_mask().double() * pairs).sum((-1, -2))
+        # a stripe column c of query block m is seen by the block's rows at or after it
+        r0 = torch.arange(self.num_q_blocks, device=self.device) * self.block_m
+        r1 = (r0 + self.block_m).clamp(max=seqlen_q)
+        idx = self.col_indices.long()
+        used = (torch.arange(self.max_columns, device=self.device)
+                < self.col_counts[..., None].long()) & (idx >= 0) & (idx < seqlen_k)
+        if causal:
+            start = torch.maximum(r0[:, None], idx - (seqlen_k - seqlen_q))
+            rows = (r1[:, None] - start).clamp(min=0)
+        else:
+            rows = (r1 - r0)[:, None].expand_as(idx)
+        covered = covered + (rows * used).sum((-1, -2)).double()
+        covered = covered / total
+        return covered if per_head else float(covered.mean())
+
+    def repeat_heads(self, num_heads: int) -> "StripeLayout":
+        """A per-query-head copy of a per-KV-head layout (each KV head's lists repeated for the
+        ``num_heads // H`` query heads of its group)."""
+        blocks = self.blocks.repeat_heads(num_heads)
+        g = num_heads // self.num_heads
+        return StripeLayout(blocks, self.col_counts.repeat_interleave(g, 1).contiguous(),
+                            self.col_indices.repeat_interleave(g, 1).contiguous())
 
 
 @dataclass
