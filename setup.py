@@ -9,7 +9,7 @@ import os
 
 from setuptools import setup
 
-CSRC = ("bindings.cpp", "select.cu")  # keep in sync with sparse_attn/_cuda.py SOURCES
+CSRC = ("bindings.cpp", "lowbit_qk.cu", "select.cu")  # keep in sync with sparse_attn/_cuda.py SOURCES
 
 
 def cuda_extension():

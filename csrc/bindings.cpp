@@ -81,14 +81,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(
   return {mask, indices, counts};
 }
 
+void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype,
+                       int64_t dim, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "lowbit_block_scores: ", name,
+              " must be on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "lowbit_block_scores: ", name, " must be ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "lowbit_block_scores: ", name,
+              " must be a contiguous ", dim, "-d tensor");
+}
+
+at::Tensor lowbit_block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& q_scale, const at::Tensor& k_scale,
+                                    const at::Tensor& row_pos, int64_t rows, int64_t block_n,
+                                    int64_t seqlen_q, bool causal, double scale,
+                                    int64_t sink_blocks, int64_t local_blocks, bool window) {
+  check_cuda_tensor(q, q, at::kChar, 4, "q");
+  check_cuda_tensor(k, q, at::kChar, 4, "k");
+  check_cuda_tensor(q_scale, q, at::kFloat, 3, "q_scale");
+  check_cuda_tensor(k_scale, q, at::kFloat, 3, "k_scale");
+  check_cuda_tensor(row_pos, q, at::kInt, 1, "row_pos");
+  const int64_t batch = q.size(0), heads = q.size(1), nrows = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), seqlen_k = k.size(2);
+  TORCH_CHECK(k.size(0) == batch && k.size(3) == dim && kv_heads >= 1 && heads % kv_heads == 0,
+              "lowbit_block_scores: k must be [B, Hkv, Sk, D] with Hkv dividing H");
+  TORCH_CHECK(dim == 64 || dim == 128, "lowbit_block_scores: head dim 64 or 128, got ", dim);
+  TORCH_CHECK(block_n == 64 || block_n == 128, "lowbit_block_scores: block_n 64 or 128, got ",
+              block_n);
+  TORCH_CHECK(rows >= 1 && rows <= 128 && (rows & (rows - 1)) == 0 && nrows % rows == 0,
+              "lowbit_block_scores: rows must be a power of two <= 128 dividing ", nrows);
+  const int64_t nqb = nrows / rows;
+  const int64_t nkb = (seqlen_k + block_n - 1) / block_n;
+  TORCH_CHECK(q_scale.size(0) == batch && q_scale.size(1) == heads && q_scale.size(2) == nqb,
+              "lowbit_block_scores: q_scale must be [B, H, nrows / rows]");
+  TORCH_CHECK(k_scale.size(0) == batch && k_scale.size(1) == kv_heads && k_scale.size(2) == nkb,
+              "lowbit_block_scores: k_scale must be [B, Hkv, ceil(Sk / block_n)]");
+  TORCH_CHECK(row_pos.size(0) == nrows, "lowbit_block_scores: row_pos must be [nrows]");
+  TORCH_CHECK(seqlen_k < (int64_t{1} << 31) && nrows < (int64_t{1} << 31) &&
+                  batch * heads < 65536,
+              "lowbit_block_scores: sizes beyond the kernel's 32-bit indexing");
+  c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::zeros({batch, heads, nqb, nkb}, q.options().dtype(at::kFloat));
+  SA_CHECK_CUDA(
+      launch_lowbit_block_scores(
+          q.data_ptr<int8_t>(), k.data_ptr<int8_t>(), q_scale.data_ptr<float>(),
+          k_scale.data_ptr<float>(), row_pos.data_ptr<int32_t>(), out.data_ptr<float>(),
+          static_cast<int>(batch), static_cast<int>(heads), static_cast<int>(kv_heads),
+          static_cast<int>(nrows), static_cast<int>(rows), static_cast<int>(seqlen_q),
+          static_cast<int>(seqlen_k), static_cast<int>(dim), static_cast<int>(block_n), causal,
+          static_cast<float>(scale), static_cast<int>(sink_blocks),
+          static_cast<int>(local_blocks), window, c10::cuda::getCurrentCUDAStream()),
+      "lowbit_block_scores");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparse_attn, m) {
   m.def(
       "select_blocks(Tensor probs, Tensor? valid, Tensor? keep, Tensor? count, float mass) -> "
       "(Tensor mask, Tensor indices, Tensor counts)");
+  m.def(
+      "lowbit_block_scores(Tensor q, Tensor k, Tensor q_scale, Tensor k_scale, Tensor row_pos, "
+      "int rows, int block_n, int seqlen_q, bool causal, float scale, int sink_blocks, "
+      "int local_blocks, bool window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sparse_attn, CUDA, m) { m.impl("select_blocks", &select_blocks_cuda); }
+TORCH_LIBRARY_IMPL(sparse_attn, CUDA, m) {
+  m.impl("select_blocks", &select_blocks_cuda);
+  m.impl("lowbit_block_scores", &lowbit_block_scores_cuda);
+}
 
 }  // namespace sparse_attn

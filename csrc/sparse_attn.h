@@ -22,4 +22,17 @@ cudaError_t launch_select_blocks(const float* probs, const uint8_t* valid, int64
                                  uint8_t* mask, int32_t* indices, int32_t* counts,
                                  cudaStream_t stream);
 
+// ---- lowbit_qk.cu: int8 Q.K^T block scores (SALE's relative attention score) ---------------
+// q [B, H, nrows, D] int8 (`rows` sampled rows per query block, positions row_pos int32
+// [nrows]), k [B, Hkv, Sk, D] int8, q_scale fp32 [B, H, nrows / rows], k_scale fp32
+// [B, Hkv, ceil(Sk / block_n)], all contiguous; out fp32 [B, H, nrows / rows, ceil(Sk /
+// block_n)], zero-filled by the caller. head_dim in {64, 128}, block_n in {64, 128}, rows a
+// power of two <= 128. See kernels/estimate.py `block_scores` for the math.
+cudaError_t launch_lowbit_block_scores(const int8_t* q, const int8_t* k, const float* q_scale,
+                                       const float* k_scale, const int32_t* row_pos, float* out,
+                                       int batch, int num_heads, int num_kv_heads, int nrows,
+                                       int rows, int seqlen_q, int seqlen_k, int head_dim,
+                                       int block_n, bool causal, float scale, int sink_blocks,
+                                       int local_blocks, bool window, cudaStream_t stream);
+
 }  // namespace sparse_attn

@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger("sparse_attn")
 
 # translation units of the extension (csrc/); kernels are torch-free, bindings.cpp is not
-SOURCES = ("bindings.cpp", "select.cu")
+SOURCES = ("bindings.cpp", "lowbit_qk.cu", "select.cu")
 EXTENSION_NAME = "sparse_attn_C"
 # key blocks per row the selection kernel keeps in shared memory (csrc/sparse_attn.h)
 SELECT_MAX_BLOCKS = 32768
@@ -92,6 +92,14 @@ def _register_fakes() -> None:
                 probs.new_empty((rows,), dtype=torch.int32))
 
 
+    @torch.library.register_fake("sparse_attn::lowbit_block_scores")
+    def _(q, k, q_scale, k_scale, row_pos, rows, block_n, seqlen_q, causal, scale, sink_blocks,
+          local_blocks, window):
+        nkb = -(-k.shape[2] // block_n)
+        return q.new_empty((q.shape[0], q.shape[1], q.shape[2] // rows, nkb),
+                           dtype=torch.float32)
+
+
 @functools.cache
 def ops():
     """``torch.ops.sparse_attn`` once the extension is loaded, else ``None`` (reason logged once
@@ -131,3 +139,97 @@ def status() -> dict:
     """``{"state": ..., "detail": ...}`` without loading: state is ``"not loaded"``, ``"aot"``,
     ``"jit"``, ``"unavailable"``, ``"disabled"`` or ``"failed"``."""
     return dict(_state)
+
+
+# ---- op wrappers: validation in Python, before any launch -----------------------------------
+
+LOWBIT_HEAD_DIMS = (64, 128)
+LOWBIT_BLOCK_N = (64, 128)
+
+
+def lowbit_supported(q_rows: torch.Tensor, k: torch.Tensor, *, rows: int, block_n: int) -> bool:
+    """Whether :func:`lowbit_block_scores` takes this problem (the estimator's dispatch test:
+    int8 CUDA inputs, head dim 64/128, key blocks of 64/128, the extension loaded)."""
+    return (q_rows.is_cuda and q_rows.dtype == torch.int8 and k.dtype == torch.int8
+            and q_rows.dim() == 4 and q_rows.shape[-1] in LOWBIT_HEAD_DIMS
+            and block_n in LOWBIT_BLOCK_N and 1 <= rows <= 128 and rows & (rows - 1) == 0
+            and available())
+
+
+def lowbit_block_scores(q_rows: torch.Tensor, k: torch.Tensor, row_pos: torch.Tensor, *,
+                        rows: int, block_n: int, seqlen_q: int, causal: bool, scale: float,
+                        q_scale: torch.Tensor, k_scale: torch.Tensor,
+                        window: tuple[int, int] | None = None) -> torch.Tensor:
+    """int8 block scores on the tensor cores (csrc/lowbit_qk.cu): the CUDA backend of
+    ``kernels/estimate.py: block_scores`` for int8 inputs (same arguments, same result up to
+    float rounding; see ``sparse_attn.reference.estimate.block_scores_ref``).
+
+    Args:
+        q_rows: int8 ``[B, Hs, NQB * rows, D]``, ``rows`` sampled query rows per query block;
+            head ``h`` reads K head ``h // (Hs // Hkv)``. ``D`` in ``(64, 128)``.
+        k: int8 ``[B, Hkv, Sk, D]``.
+        row_pos: int ``[NQB * rows]``: each sampled row's position in the query sequence
+            (queries end-aligned to the keys).
+        rows: sampled rows per query block, a power of two <= 128.
+        block_n: key block size, 64 or 128 (also K's quantization block).
+        seqlen_q: query length (positions are shifted by ``Sk - seqlen_q``).
+        causal: mask keys after each row's position.
+        scale: softmax scale (``1 / sqrt(D)``).
+        q_scale: fp32 ``[B, Hs, NQB]``; k_scale: fp32 ``[B, Hkv, ceil(Sk / block_n)]``.
+        window: ``(sink_blocks, local_blocks)``: normalise by the sink + local key blocks
+            only (SALE's relative score), or None for the softmax over all reachable keys.
+
+    Returns:
+        fp32 ``[B, Hs, NQB, ceil(Sk / block_n)]`` (0 on unreachable blocks).
+
+    Example:
+        >>> out = lowbit_block_scores(qq, kq, pos, rows=16, block_n=128, seqlen_q=S,
+        ...                           causal=True, scale=D ** -0.5, q_scale=qs, k_scale=ks,
+        ...                           window=(1, 1))  # doctest: +SKIP
+    """
+    name = "lowbit_block_scores"
+    for arg, t, dims in (("q_rows", q_rows, 4), ("k", k, 4)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or t.dim() != dims:
+            raise TypeError(f"{name}: {arg} must be an int8 [B, H, S, D] tensor, got "
+                            f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    if not q_rows.is_cuda or k.device != q_rows.device:
+        raise ValueError(f"{name}: q_rows and k must be on one CUDA device, got {q_rows.device} "
+                         f"and {k.device}")
+    batch, heads, nrows, dim = q_rows.shape
+    kv_heads, seqlen_k = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or k.shape[3] != dim or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"{name}: k {tuple(k.shape)} must be [B={batch}, Hkv, Sk, D={dim}] with "
+                         f"Hkv dividing Hs={heads}")
+    if dim not in LOWBIT_HEAD_DIMS:
+        raise ValueError(f"{name}: head dim must be one of {LOWBIT_HEAD_DIMS}, got {dim}")
+    if block_n not in LOWBIT_BLOCK_N:
+        raise ValueError(f"{name}: block_n must be one of {LOWBIT_BLOCK_N}, got {block_n!r}")
+    if not (isinstance(rows, int) and 1 <= rows <= 128 and rows & (rows - 1) == 0
+            and nrows % rows == 0):
+        raise ValueError(f"{name}: rows must be a power of two <= 128 dividing the {nrows} "
+                         f"sampled rows, got {rows!r}")
+    nqb, nkb = nrows // rows, -(-seqlen_k // block_n)
+    for arg, t, shape in (("q_scale", q_scale, (batch, heads, nqb)),
+                          ("k_scale", k_scale, (batch, kv_heads, nkb))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name}: {arg} must be [{', '.join(map(str, shape))}], got "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    if not isinstance(row_pos, torch.Tensor) or tuple(row_pos.shape) != (nrows,):
+        raise ValueError(f"{name}: row_pos must be [{nrows}], got "
+                         f"{tuple(getattr(row_pos, 'shape', ()))}")
+    sink, local = window if window is not None else (0, 1)
+    if not (isinstance(sink, int) and isinstance(local, int) and sink >= 0 and local >= 1):
+        raise ValueError(f"{name}: window must be (sink_blocks >= 0, local_blocks >= 1), got "
+                         f"{window!r}")
+    if batch * heads >= 65536 or seqlen_k >= 2**31:
+        raise ValueError(f"{name}: B * Hs must be < 65536 and Sk < 2**31")
+    ext = ops()
+    if ext is None:
+        raise RuntimeError(f"{name}: the CUDA extension is not available ({_state['state']}: "
+                           f"{_state['detail']})")
+    dev = q_rows.device
+    return ext.lowbit_block_scores(
+        q_rows.contiguous(), k.contiguous(), q_scale.to(dev, torch.float32).contiguous(),
+        k_scale.to(dev, torch.float32).contiguous(), row_pos.to(dev, torch.int32).contiguous(),
+        rows, block_n, int(seqlen_q), bool(causal), float(scale), sink, local,
+        window is not None)

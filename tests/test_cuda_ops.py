@@ -152,3 +152,110 @@ def test_select_bad_input_names_kernel(ext):
     with pytest.raises(RuntimeError, match="select_blocks"):
         ext.select_blocks(torch.rand(4, 8, device="cuda"), torch.ones(3, 8, device="cuda",
                           dtype=torch.bool), None, None, 0.5)
+
+
+# ---- int8 low-bit block scores -------------------------------------------------------------
+
+def _lowbit_inputs(batch, hq, hkv, seqlen_q, seqlen_k, dim, block_m, block_n, rows, device):
+    from sparse_attn.reference.estimate import quantize_int8_ref, sample_rows
+
+    q = torch.randn(batch, hq, seqlen_q, dim, device=device)
+    k = torch.randn(batch, hkv, seqlen_k, dim, device=device)
+    k[:, :, :16] += 2.0  # a sink-like key block gets more mass
+    pos = sample_rows(seqlen_q, block_m, rows, device)
+    qq, qs = quantize_int8_ref(q.index_select(2, pos).contiguous(), rows)
+    kq, ks = quantize_int8_ref(k, block_n)
+    return qq, kq, pos, qs, ks
+
+
+def test_lowbit_validation():
+    qq = torch.zeros(1, 2, 32, 64, dtype=torch.int8)
+    kq = torch.zeros(1, 1, 100, 64, dtype=torch.int8)
+    kw = dict(rows=16, block_n=64, seqlen_q=100, causal=True, scale=0.125,
+              q_scale=torch.ones(1, 2, 2), k_scale=torch.ones(1, 1, 2))
+    pos = torch.arange(32, dtype=torch.int32)
+    with pytest.raises(TypeError, match="q_rows"):
+        _cuda.lowbit_block_scores(qq.float(), kq, pos, **kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            _cuda.lowbit_block_scores(qq, kq, pos, **kw)
+        assert not _cuda.lowbit_supported(qq, kq, rows=16, block_n=64)
+        return
+    qq, kq, pos = qq.cuda(), kq.cuda(), pos.cuda()
+    kw["q_scale"], kw["k_scale"] = kw["q_scale"].cuda(), kw["k_scale"].cuda()
+    for bad, err in (({"block_n": 32}, "block_n"), ({"rows": 3}, "rows"),
+                     ({"q_scale": torch.ones(1, 2, 3, device="cuda")}, "q_scale"),
+                     ({"window": (0, 0)}, "window")):
+        with pytest.raises(ValueError, match=err):
+            _cuda.lowbit_block_scores(qq, kq, pos, **{**kw, **bad})
+    with pytest.raises(ValueError, match="head dim"):
+        _cuda.lowbit_block_scores(qq[..., :32].contiguous(), kq[..., :32].contiguous(), pos, **kw)
+
+
+LOWBIT_CASES = [
+    # B, Hq, Hkv, Sq, Sk, D, block_m, block_n, rows, window, causal
+    (1, 4, 1, 1000, 1000, 128, 64, 64, 16, (1, 1), True),
+    (2, 8, 2, 777, 1500, 128, 128, 128, 16, (1, 2), True),
+    (1, 8, 8, 1024, 1024, 64, 64, 128, 8, (2, 1), True),
+    (1, 4, 2, 513, 513, 64, 128, 64, 32, (0, 3), True),
+    (1, 2, 1, 300, 300, 128, 64, 64, 4, (1, 1), True),
+    (1, 4, 1, 1000, 1000, 128, 64, 64, 16, None, True),
+    (1, 4, 2, 640, 900, 128, 128, 128, 64, None, False),
+    (1, 32, 8, 8192, 8192, 128, 128, 128, 16, (1, 1), True),
+]
+
+
+@gpu
+@pytest.mark.parametrize("case", LOWBIT_CASES, ids=lambda c: "B{}-H{}-KV{}-Q{}-K{}-D{}-m{}-n{}-r{}-w{}-{}".format(
+    *c[:9], "x".join(map(str, c[9])) if c[9] else "none", "causal" if c[10] else "full"))
+def test_lowbit_matches_reference(ext, case):
+    from sparse_attn.reference.estimate import block_scores_ref
+
+    batch, hq, hkv, sq, sk, dim, block_m, block_n, rows, window, causal = case
+    torch.manual_seed(zlib.crc32(repr(case).encode()))
+    qq, kq, pos, qs, ks = _lowbit_inputs(batch, hq, hkv, sq, sk, dim, block_m, block_n, rows,
+                                         "cuda")
+    kw = dict(rows=rows, block_n=block_n, seqlen_q=sq, causal=causal, scale=dim ** -0.5,
+              q_scale=qs, k_scale=ks, window=window)
+    got = _cuda.lowbit_block_scores(qq, kq, pos, **kw)
+    ref = block_scores_ref(qq, kq, pos, **kw)
+    assert got.shape == ref.shape and not torch.isnan(got).any()
+    # int8 dots are exact in both: only exp2 approximation and summation order differ
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=1e-5 * float(ref.abs().max()))
+    if causal and sq == sk:  # unreachable blocks are exactly zero
+        nkb = ref.shape[-1]
+        qb_last = (pos.view(-1, rows).amax(1) // block_n)[:, None]
+        beyond = torch.arange(nkb, device="cuda")[None, :] > qb_last  # [NQB, NKB]
+        assert not got[..., beyond].any()
+
+
+@gpu
+def test_lowbit_matches_triton_and_graphs(ext):
+    """Same numbers as the Triton int8 path; CUDA-graph capture; opcheck (fake kernel)."""
+    from sparse_attn.kernels.estimate import block_scores
+
+    qq, kq, pos, qs, ks = _lowbit_inputs(1, 8, 2, 4096, 4096, 128, 64, 64, 16, "cuda")
+    kw = dict(rows=16, block_n=64, seqlen_q=4096, causal=True, scale=128 ** -0.5, q_scale=qs,
+              k_scale=ks, window=(1, 1))
+    got = _cuda.lowbit_block_scores(qq, kq, pos, **kw)
+    tri = block_scores(qq, kq, pos, **kw)
+    torch.testing.assert_close(got, tri, rtol=2e-3, atol=1e-5 * float(tri.abs().max()))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _cuda.lowbit_block_scores(qq, kq, pos, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, got, rtol=1e-5, atol=1e-6 * float(got.abs().max()))
+    torch.library.opcheck(ext.lowbit_block_scores.default,
+                          (qq, kq, qs, ks, pos, 16, 64, 4096, True, 128 ** -0.5, 1, 1, True))
+
+
+@gpu
+def test_lowbit_bad_input_names_kernel(ext):
+    qq = torch.zeros(1, 2, 32, 64, dtype=torch.int8, device="cuda")
+    with pytest.raises(RuntimeError, match="lowbit_block_scores"):
+        ext.lowbit_block_scores(qq, qq, torch.ones(1, 2, 2, device="cuda"),
+                                torch.ones(1, 2, 1, device="cuda"),
+                                torch.arange(32, device="cuda"), 16, 64, 32, True, 0.125, 1, 1,
+                                True)  # row_pos int64: rejected by the binding
