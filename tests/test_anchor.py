@@ -1,0 +1,235 @@
+"""The ``anchor`` estimator: Triton estimation kernels against the torch path, planted stripes,
+budgets, layout invariants, bad configs."""
+import pytest
+import torch
+
+from sparse_attn import estimators
+from sparse_attn.estimators.anchor import anchor_pool, dense_block_mask
+from sparse_attn.layout import StripeLayout
+
+
+def _qk(b, hq, hkv, sq, sk, d=64, dtype=torch.float32, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=g)
+    k = torch.randn(b, hkv, sk, d, generator=g)
+    return q.to(device, dtype), k.to(device, dtype)
+
+
+def _columns(counts, indices, sk):
+    """Bool [B, H, NQB, Sk] from compacted columns."""
+    out = torch.zeros(*counts.shape, sk + 1, dtype=torch.bool)
+    idx = torch.where(indices >= 0, indices.long(), sk).cpu()
+    out.scatter_(-1, idx, True)
+    return out[..., :sk]
+
+
+def _est(**cfg):
+    base = dict(block_m=64, block_n=64, sink_blocks=1, local_blocks=2)
+    base.update(cfg)
+    return estimators.get("anchor", **base)
+
+
+def _planted(b=1, hq=4, hkv=2, s=384, d=64, cols=(70, 200), seed=0):
+    """Random q/k with a few key columns every query attends to strongly."""
+    q, k = _qk(b, hq, hkv, s, s, d, seed=seed)
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1))
+    direction = direction / direction.norm()
+    q = q * 0.3 + 2.0 * direction
+    for c in cols:
+        k[:, :, c] = 12.0 * direction
+    return q, k
+
+
+# ------------------------------------------------------------------------------ kernels
+CASES = [  # b, hq, hkv, sq, sk, causal, gqa_reduce
+    (2, 4, 2, 300, 300, True, "max"),
+    (1, 4, 1, 130, 333, True, "none"),
+    (1, 2, 2, 200, 200, False, "max"),
+    (1, 3, 1, 257, 257, True, "max"),
+]
+
+
+def _ids(case):
+    b, hq, hkv, sq, sk, causal, red = case
+    return f"B{b}-H{hq}-KV{hkv}-Q{sq}-K{sk}-{'causal' if causal else 'full'}-{red}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES[:2], ids=_ids)
+def test_pool_kernel_matches_torch(case, dtype):
+    from sparse_attn.kernels import stripe_estimate as se
+
+    b, hq, hkv, sq, sk, causal, _ = case
+    q, k = _qk(b, hq, hkv, sq, sk, dtype=dtype)
+    qbar, abar = anchor_pool(q, k, block_m=64, block_n=64, sink_blocks=1, local_blocks=2,
+                             causal=causal)
+    nqb = -(-sq // 64)
+    tq = torch.full((b, hq, nqb, 64), float("nan"))
+    ta = torch.full((b, hq, nqb), float("nan"))
+    se._anchor_pool_kernel[(nqb, b * hq)](
+        q, k, tq, ta, *q.stride()[:3], *k.stride()[:3], hq, hq // hkv, sq, sk,
+        -(-sk // 64), 1, 2, 1 / 8, HEAD_DIM=64, D_PAD=64, BLOCK_M=64, BLOCK_N=64,
+        IS_CAUSAL=causal)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(tq, qbar, atol=tol, rtol=tol)
+    torch.testing.assert_close(ta, abar, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_theta_kernel_matches_torch(case, dtype):
+    b, hq, hkv, sq, sk, causal, red = case
+    q, k = _qk(b, hq, hkv, sq, sk)
+    # a shared query component keeps the pooled scores spread: several columns pass
+    q = (q + torch.randn(q.shape[-1], generator=torch.Generator().manual_seed(9))).to(dtype)
+    k = k.to(dtype)
+    ref = _est(theta=3.5, gqa_reduce=red, backend="torch").estimate(q, k, causal=causal)
+    out = _est(theta=3.5, gqa_reduce=red, backend="triton").estimate(q, k, causal=causal)
+    out.validate(sq, sk)
+    assert torch.equal(out.blocks.to_mask(), ref.blocks.to_mask())
+    a = _columns(ref.col_counts, ref.col_indices, sk)
+    c = _columns(out.col_counts, out.col_indices, sk)
+    # keys within rounding of the threshold may differ between the paths
+    diff = (a ^ c).sum().item()
+    assert diff <= max(2, 0.01 * a.sum().item()), (diff, a.sum().item())
+    assert a.sum() > 0
+
+
+@pytest.mark.parametrize("budget", [dict(mass=0.9), dict(top_k=20), dict(density=0.6)],
+                         ids=["mass", "topk", "density"])
+@pytest.mark.parametrize("case", CASES[:3], ids=_ids)
+def test_budget_kernel_covers_torch(case, budget):
+    """The histogram threshold keeps a superset of the exact selection, at most a few more."""
+    b, hq, hkv, sq, sk, causal, red = case
+    q, k = _qk(b, hq, hkv, sq, sk)
+    ref = _est(gqa_reduce=red, backend="torch", **budget).estimate(q, k, causal=causal)
+    out = _est(gqa_reduce=red, backend="triton", **budget).estimate(q, k, causal=causal)
+    a = _columns(ref.col_counts, ref.col_indices, sk)
+    c = _columns(out.col_counts, out.col_indices, sk)
+    assert (a & ~c).sum() <= max(1, 0.005 * a.sum().item())
+    assert (c & ~a).sum() <= max(4, 0.03 * a.sum().item())
+
+
+# ------------------------------------------------------------------------- behaviour
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_planted_columns_found(backend):
+    q, k = _planted()
+    layout = _est(theta=0.5, backend=backend).estimate(q, k)
+    cols = _columns(layout.col_counts, layout.col_indices, k.shape[2])
+    # every query block past the dense window of a planted column gathers it
+    for c in (70, 200):
+        for m in range(cols.shape[2]):
+            first_dense = max(0, (min(m * 64 + 63, 383) // 64) - 1) * 64
+            if 64 <= c < first_dense:
+                assert cols[0, :, m, c].all(), (c, m)
+    # and few others
+    assert cols.float().mean() < 0.05
+
+
+def test_layout_invariants():
+    q, k = _qk(2, 4, 2, 200, 450, seed=3)
+    est = _est(mass=0.9)
+    layout = est.estimate(q, k, causal=True)
+    assert isinstance(layout, StripeLayout)
+    layout.validate(200, 450)
+    assert layout.col_counts.shape == (2, 2, 4)
+    block, column = layout.to_mask(450)
+    dense = dense_block_mask(200, 450, 64, 64, 1, 2, True, "cpu")
+    assert torch.equal(block, dense.expand_as(block))
+    cover = block.repeat_interleave(64, -1)[..., :450]
+    assert not (column & cover).any()  # no column inside a dense block
+    last = torch.arange(4) * 64 + 63
+    last = last.clamp(max=199) + 250
+    assert not (column & (torch.arange(450) > last[:, None])).any()  # causal
+
+
+def test_mass_monotone_and_per_head():
+    q, k = _planted(hq=4, hkv=4, s=512)
+    q[:, 2:] = torch.randn_like(q[:, 2:])  # two heads diffuse
+    dens = [_est(mass=m, gqa_reduce="none").estimate(q, k).col_counts.float().sum().item()
+            for m in (0.5, 0.8, 0.95)]
+    assert dens[0] <= dens[1] <= dens[2]
+    per_head = _est(mass=0.9, gqa_reduce="none").estimate(q, k).col_counts.float().sum((0, 2))
+    assert per_head[:2].max() < per_head[2:].min()  # planted heads need fewer columns
+
+
+def test_top_k_and_max_columns():
+    q, k = _qk(1, 2, 1, 512, 512)
+    layout = _est(top_k=7).estimate(q, k)
+    nqb_with_room = (layout.col_counts > 0).sum().item()
+    assert (layout.col_counts <= 7).all() and nqb_with_room > 0
+    assert (layout.col_counts[0, 0, 4:] == 7).all()
+    capped = _est(top_k=7, max_columns=3).estimate(q, k)
+    assert capped.col_indices.shape[-1] == 3 and (capped.col_counts <= 3).all()
+
+
+def test_chunked_prefill_matches_full():
+    q, k = _qk(1, 4, 2, 512, 512, seed=5)
+    full = _est(theta=2.0).estimate(q * 2, k)
+    part = _est(theta=2.0).estimate(q[:, :, 256:] * 2, k)
+    fc = _columns(full.col_counts, full.col_indices, 512)[:, :, 4:]
+    pc = _columns(part.col_counts, part.col_indices, 512)
+    assert torch.equal(fc, pc)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (dict(theta=-1.0), "theta"), (dict(theta=1.0, mass=0.9), "one budget"),
+    (dict(mass=1.5), "mass"), (dict(density=0.0), "density"), (dict(top_k=0), "top_k"),
+    (dict(max_columns=0), "max_columns"), (dict(gqa_reduce="mean"), "gqa_reduce"),
+    (dict(backend="cuda"), "backend"), (dict(block_m=32), "block_m"),
+    (dict(local_blocks=0), "local_blocks"),
+])
+def test_bad_config(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        estimators.get("anchor", **cfg)
+
+
+def test_window_larger_than_sequence():
+    q, k = _qk(1, 2, 1, 128, 128)
+    with pytest.raises(ValueError, match="local_blocks"):
+        _est(local_blocks=4).estimate(q, k)
+
+
+def test_registered_and_default_budget():
+    assert "anchor" in estimators.available()
+    assert estimators.get("anchor").mass == 0.95
+
+
+def test_sparse_attention_runs():
+    import sparse_attn
+
+    q, k = _qk(1, 4, 2, 256, 256)
+    v = torch.randn_like(k)
+    if not hasattr(sparse_attn, "stripe_attention"):
+        pytest.skip("stripe op not present")
+    out, layout = sparse_attn.sparse_attention(q, k, v, "anchor", min_seqlen=0,
+                                               return_layout=True, theta=3.0)
+    assert isinstance(layout, StripeLayout) and out.shape == q.shape
+    assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [dict(theta=3.0), dict(mass=0.95), dict(density=0.1)])
+def test_gpu_bf16_large_matches_torch(budget):
+    q, k = _qk(2, 8, 2, 4096, 4096, d=128, dtype=torch.bfloat16, device="cuda")
+    ref = _est(backend="torch", max_columns=1024, **budget).estimate(q, k)
+    out = _est(backend="triton", max_columns=1024, **budget).estimate(q, k)
+    a = _columns(ref.col_counts.cpu(), ref.col_indices.cpu(), 4096)
+    c = _columns(out.col_counts.cpu(), out.col_indices.cpu(), 4096)
+    assert (a ^ c).float().sum() <= 0.02 * max(1.0, a.float().sum().item()) + 16
+
+
+@pytest.mark.gpu
+def test_gpu_graph_capture():
+    q, k = _qk(1, 8, 2, 2048, 2048, d=128, dtype=torch.bfloat16, device="cuda")
+    est = _est(mass=0.95, max_columns=512)
+    est.estimate(q, k)  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layout = est.estimate(q, k)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = est.estimate(q, k)
+    assert torch.equal(layout.col_counts, ref.col_counts)
