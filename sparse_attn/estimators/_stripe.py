@@ -1,32 +1,27 @@
-"""Config and budget checks shared by the stripe estimators (``anchor``, ``vertical_slash``).
+"""Config shared by the stripe estimators (``anchor``, ``vertical_slash``).
 
-Both return a :class:`~sparse_attn.layout.StripeLayout`; they share the budget forms (``mass``,
-``density``, ``top_k``; ``anchor`` adds ``theta``), the GQA grouping, the backend choice and the
-query-block geometry of the forced sink + local blocks.
+Both return a :class:`~sparse_attn.layout.StripeLayout`; they share the budget forms of the
+block estimators (``mass``, ``density``, ``top_k``), the GQA grouping (``"max"`` or
+``"none"``), a cap on the gathered columns and the backend choice.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 
-from .select import WindowEstimator, _is_int, _is_real
+from .select import BudgetEstimator, _is_int
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-def budget_error(name: str, extra: str = "") -> str:
-    return (f"estimator {name!r}: give one budget; accepted: mass in (0, 1], density in (0, 1], "
-            f"or top_k >= 1{extra}")
+STRIPE_GQA_REDUCE = ("max", "none")
 
 
 @dataclasses.dataclass
-class StripeEstimator(WindowEstimator):
-    """Base of the stripe estimators (not registered): window, budget, GQA grouping, backend.
+class StripeEstimator(BudgetEstimator):
+    """Base of the stripe estimators (not registered).
 
     Args:
-        block_m, block_n: tile sizes of the layout (64 or 128).
+        block_m, block_n: tile sizes of the layout (64 or 128, default 64).
         sink_blocks: leading key blocks every query block computes densely (>= 0).
         local_blocks: key blocks ending at each query block's diagonal, computed densely (>= 1).
         mass / density / top_k: the budget (at most one; ``mass=0.95`` when none is given).
@@ -40,41 +35,19 @@ class StripeEstimator(WindowEstimator):
 
     block_m: int = 64
     block_n: int = 64
-    mass: float | None = None
-    density: float | None = None
-    top_k: int | None = None
-    gqa_reduce: str = "max"
     max_columns: int | None = None
     backend: str = "auto"
 
-    # budget fields beyond mass/density/top_k (anchor: theta)
-    _extra_budgets: ClassVar[tuple[str, ...]] = ()
-
     def __post_init__(self):
         super().__post_init__()
-        names = ("mass", "density", "top_k", *self._extra_budgets)
-        given = [f for f in names if getattr(self, f) is not None]
-        extra = "".join(f", or {f}" for f in self._extra_budgets)
-        if len(given) > 1:
-            raise ValueError(budget_error(self.name, extra) + f"; got {given}")
-        if not given:
-            self.mass = 0.95
-        for field in ("mass", "density"):
-            value = getattr(self, field)
-            if value is not None and not (_is_real(value) and 0.0 < value <= 1.0):
-                raise ValueError(
-                    f"estimator {self.name!r}: {field} must be a number in (0, 1], got {value!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ValueError(
-                f"estimator {self.name!r}: top_k must be an int >= 1, got {self.top_k!r}")
         if self.max_columns is not None and (not _is_int(self.max_columns)
                                              or self.max_columns < 1):
             raise ValueError(
                 f"estimator {self.name!r}: max_columns must be an int >= 1 or None, got "
                 f"{self.max_columns!r}")
-        if self.gqa_reduce not in ("max", "none"):
+        if self.gqa_reduce not in STRIPE_GQA_REDUCE:
             raise ValueError(
-                f"estimator {self.name!r}: gqa_reduce must be one of ('max', 'none'), got "
+                f"estimator {self.name!r}: gqa_reduce must be one of {STRIPE_GQA_REDUCE}, got "
                 f"{self.gqa_reduce!r}")
         if self.backend not in BACKENDS:
             raise ValueError(

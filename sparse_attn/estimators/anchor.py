@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import torch
 
@@ -160,16 +159,22 @@ class Anchor(StripeEstimator):
         >>> layout.density(2048, 2048)
     """
 
-    _extra_budgets: ClassVar[tuple[str, ...]] = ("theta",)
-
     local_blocks: int = 2
     theta: float | None = None
 
     def __post_init__(self):
-        if self.theta is not None and not (_is_real(self.theta) and self.theta > 0):
-            raise ValueError(
-                f"estimator {self.name!r}: theta must be a number > 0, got {self.theta!r}")
+        if self.theta is not None:
+            if not (_is_real(self.theta) and self.theta > 0):
+                raise ValueError(
+                    f"estimator {self.name!r}: theta must be a number > 0, got {self.theta!r}")
+            given = [f for f in ("mass", "density", "top_k") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(
+                    f"estimator {self.name!r}: give one budget, got ['theta', *{given}]; "
+                    f"accepted: theta > 0, mass in (0, 1], density in (0, 1], or top_k >= 1")
         super().__post_init__()
+        if self.theta is not None:
+            self.mass = None  # the base defaults to mass=0.95 when it sees no budget
 
     # ------------------------------------------------------------------------- estimate
     def estimate(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True) -> StripeLayout:
