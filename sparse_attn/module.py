@@ -179,8 +179,12 @@ class SparseAttention(nn.Module):
             backend = "triton" if q.device.type == "cuda" else "torch"
         # built-in estimators make valid layouts: skip the index check and its host sync
         check = None if not self.estimator.layouts_valid_by_construction else False
+        threshold = self.softmax_threshold
+        if threshold is None and hasattr(self.estimator, "softmax_threshold_for"):
+            # the ``threshold`` method (BLASST): its lambda for this key length
+            threshold = self.estimator.softmax_threshold_for(k.shape[2])
         out = op(q, k, v, layout, causal=causal, scale=scale,
-                 softmax_threshold=self.softmax_threshold, backend=backend,
+                 softmax_threshold=threshold, backend=backend,
                  check_indices=check)
         sq, sk = q.shape[2], k.shape[2]
         if self.record_stats:

@@ -14,5 +14,7 @@ cache instead of mapping ``q, k`` to a layout, so it is a class of its own, not 
 """
 from .base import Estimator, available, get, register
 from .quest import QuestMetadata, QuestSelector
+from .threshold import ThresholdCalibration, calibrate_threshold, threshold_vs_length
 
-__all__ = ["Estimator", "QuestMetadata", "QuestSelector", "available", "get", "register"]
+__all__ = ["Estimator", "QuestMetadata", "QuestSelector", "ThresholdCalibration", "available",
+           "calibrate_threshold", "get", "register", "threshold_vs_length"]

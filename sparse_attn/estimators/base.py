@@ -9,8 +9,8 @@ import torch
 
 _REGISTRY: dict[str, type["Estimator"]] = {}
 # modules that register estimators when imported (one file per method)
-_BUILTIN_MODULES: tuple[str, ...] = ("dense", "streaming", "block_topk", "oracle",
-                                      "anchor", "vertical_slash")
+_BUILTIN_MODULES: tuple[str, ...] = ("dense", "streaming", "block_topk", "oracle", "proxy",
+                                      "lowbit", "threshold", "anchor", "vertical_slash")
 
 
 @dataclasses.dataclass
