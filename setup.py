@@ -9,7 +9,8 @@ import os
 
 from setuptools import setup
 
-CSRC = ("bindings.cpp", "lowbit_qk.cu", "select.cu")  # keep in sync with sparse_attn/_cuda.py SOURCES
+# keep in sync with sparse_attn/_cuda.py SOURCES (tests/test_cuda_build.py checks)
+CSRC = ("bindings.cpp", "lowbit_qk.cu", "select.cu")
 
 
 def cuda_extension():

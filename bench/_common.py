@@ -316,3 +316,34 @@ def run_meta(info: dict) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(env_info(), indent=1))
+
+
+def dense_sdpa_rows(q, k, v, base: dict, *, warmup: int = 5, rep: int = 50):
+    """Causal GQA SDPA with the flash and cuDNN backends (the dense yardstick of a table):
+    ``(rows, best_ms)``, each row ``base`` + ``provider`` + timing; best_ms None when none ran."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows, best = [], None
+    for name, be in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                     ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        def fn(be=be):
+            with sdpa_kernel(be):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True)
+        res = time_provider(fn, warmup=warmup, rep=rep)
+        rows.append({**base, "provider": name, **res})
+        if res["ms"] and (best is None or res["ms"] < best):
+            best = res["ms"]
+    return rows, best
+
+
+def finish(rows: list[dict], out_dir, stem: str, meta: dict, plot: Callable | None = None):
+    """Write ``<stem>.json/.csv`` and, when ``plot(rows, path)`` is given, ``<stem>.png`` (a
+    failing plot is reported, not raised); print the paths."""
+    paths = write_results(rows, out_dir, stem, meta=meta)
+    if plot is not None:
+        _, note = guarded(plot, rows, f"{out_dir}/{stem}.png")
+        if note:
+            print(f"no plot: {note}")
+    print("wrote", ", ".join(str(p) for p in paths), flush=True)
+    return paths

@@ -22,11 +22,10 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from _common import (Budget, env_info, env_line, exit_on_sigterm, free_cuda,  # noqa: E402
-                     guarded, parse_list, print_table, require_cuda, run_meta, time_provider,
-                     write_results)
+from _common import (Budget, dense_sdpa_rows, env_info, env_line, exit_on_sigterm,  # noqa: E402
+                     finish, free_cuda, guarded, parse_list, print_table, require_cuda,
+                     run_meta, time_provider)
 
 from sparse_attn import _cuda  # noqa: E402
 
@@ -49,22 +48,6 @@ def parse_args(argv=None):
     args.seqlens = parse_list(args.seqlens or ("16k" if args.quick else "32k,128k"), int)
     args.blocks = parse_list(args.blocks, int)
     return args
-
-
-def dense_section(q, k, v, seqlen):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    rows, best = [], None
-    for name, be in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
-                     ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
-        def fn(be=be):
-            with sdpa_kernel(be):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        res = time_provider(fn, warmup=5, rep=50)
-        rows.append({"section": "dense", "seqlen": seqlen, "provider": name, **res})
-        if res["ms"] and (best is None or res["ms"] < best):
-            best = res["ms"]
-    return rows, best
 
 
 def block_sections(args, q, k, seqlen, block, dense_ms):
@@ -161,7 +144,8 @@ def main(argv=None):
             k = torch.randn(1, 8, seqlen, 128, device="cuda", dtype=torch.bfloat16,
                             generator=gen)
             v = torch.randn_like(k)
-            dense, note = guarded(dense_section, q, k, v, seqlen)
+            dense, note = guarded(dense_sdpa_rows, q, k, v,
+                                  {"section": "dense", "seqlen": seqlen})
             dense_rows, dense_ms = dense or ([{"section": "dense", "seqlen": seqlen,
                                                "available": False, "note": note}], None)
             rows.extend(dense_rows)
@@ -183,11 +167,7 @@ def main(argv=None):
         meta.update(seqlens=args.seqlens, blocks=args.blocks, rows=args.rows,
                     budget_s=args.budget_s, elapsed_s=round(budget.elapsed(), 1),
                     extension=_cuda.status())
-        paths = write_results(rows, args.out, STEM, meta=meta)
-        _, note = guarded(plot, rows, f"{args.out}/{STEM}.png")
-        if note:
-            print(f"no plot: {note}")
-        print("wrote", ", ".join(str(p) for p in paths), flush=True)
+        finish(rows, args.out, STEM, meta, plot)
     return 0
 
 

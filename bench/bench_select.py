@@ -23,10 +23,10 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from _common import (Budget, env_info, env_line, exit_on_sigterm, free_cuda,  # noqa: E402
-                     guarded, parse_list, print_table, run_meta, time_provider, write_results)
+from _common import (Budget, dense_sdpa_rows, env_info, env_line, exit_on_sigterm,  # noqa: E402
+                     finish, free_cuda, guarded, parse_list, print_table, run_meta,
+                     time_provider)
 
 from sparse_attn import _cuda  # noqa: E402
 from sparse_attn.estimators.select import select_blocks  # noqa: E402
@@ -83,26 +83,13 @@ def topk_cumsum(probs, valid, keep, mass, count):
 
 
 def dense_section(seqlen, device):
-    rows = []
     if device != "cuda":
-        return rows, None
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+        return [], None
     q = torch.randn(1, 32, seqlen, 128, device=device, dtype=torch.bfloat16)
     k = torch.randn(1, 8, seqlen, 128, device=device, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    best = None
-    for name, be in (("SDPA flash (dense attention)", SDPBackend.FLASH_ATTENTION),
-                     ("SDPA cuDNN (dense attention)", SDPBackend.CUDNN_ATTENTION)):
-        def fn(be=be):
-            with sdpa_kernel(be):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        res = time_provider(fn, warmup=5, rep=50)
-        rows.append({"section": "dense", "seqlen": seqlen, "heads": 32, "provider": name,
-                     **res})
-        if res["ms"] and (best is None or res["ms"] < best):
-            best = res["ms"]
-    del q, k, v
+    rows, best = dense_sdpa_rows(q, k, torch.randn_like(k),
+                                 {"section": "dense", "seqlen": seqlen, "heads": 32})
+    del q, k
     free_cuda()
     return rows, best
 
@@ -201,11 +188,7 @@ def main(argv=None):
         meta.update(seqlens=args.seqlens, heads=args.heads, blocks=args.blocks,
                     budget_s=args.budget_s, elapsed_s=round(budget.elapsed(), 1),
                     extension=_cuda.status())
-        paths = write_results(rows, args.out, STEM, meta=meta)
-        _, note = guarded(plot, rows, f"{args.out}/{STEM}.png")
-        if note:
-            print(f"no plot: {note}")
-        print("wrote", ", ".join(str(p) for p in paths), flush=True)
+        finish(rows, args.out, STEM, meta, plot)
     return 0
 
 

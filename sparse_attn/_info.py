@@ -1,4 +1,4 @@
-"""``sparse_attn.info()``: versions, GPU and the CUDA extension's state (also `sparse-attn info`)."""
+"""``sparse_attn.info()``: versions, GPU and the CUDA extension's state (`sparse-attn info`)."""
 from __future__ import annotations
 
 import os

@@ -205,9 +205,13 @@ LOWBIT_CASES = [
 ]
 
 
+def _lowbit_id(c):
+    return "B{}-H{}-KV{}-Q{}-K{}-D{}-m{}-n{}-r{}-w{}-{}".format(
+        *c[:9], "x".join(map(str, c[9])) if c[9] else "none", "causal" if c[10] else "full")
+
+
 @gpu
-@pytest.mark.parametrize("case", LOWBIT_CASES, ids=lambda c: "B{}-H{}-KV{}-Q{}-K{}-D{}-m{}-n{}-r{}-w{}-{}".format(
-    *c[:9], "x".join(map(str, c[9])) if c[9] else "none", "causal" if c[10] else "full"))
+@pytest.mark.parametrize("case", LOWBIT_CASES, ids=_lowbit_id)
 def test_lowbit_matches_reference(ext, case):
     from sparse_attn.reference.estimate import block_scores_ref
 
