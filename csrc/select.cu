@@ -3,7 +3,8 @@
 // One CTA per row of block probabilities [rows, nkb]. The row's keys live in shared memory as
 // order-preserving uint32 (the bits of a non-negative float, + 1 so that 0 means "not a
 // candidate"); four MSB-first 8-bit passes find the threshold key T of the budget from
-// histograms of counts (top-k) or of probability sums (mass), then one ordered pass writes the
+// histograms of counts (top-k) or of fixed-point probability sums (mass: integer shared-memory
+// atomics, an exact integer scan), then one ordered pass writes the
 // mask and the ascending index list with a block scan. Ties at T are taken lowest index first.
 //
 // Matches sparse_attn.estimators.select.select_blocks (the torch reference):
@@ -40,8 +41,8 @@ struct RowStatsSum {
 };
 
 struct Bin {
-  float weight;  // count (top-k) or probability sum (mass) of the keys at or above a bin
-  int count;
+  uint32_t weight;  // count (top-k) or fixed-point probability sum (mass) of a bin and above
+  uint32_t count;
 };
 
 struct BinSum {
@@ -50,7 +51,16 @@ struct BinSum {
   }
 };
 
+// mass budget in fixed point: a candidate's weight is round(p / (sum of candidates) * 2^30), so
+// a row's weights sum to <= 2^30 + nkb and the histograms use native integer shared atomics
+constexpr float kFixedOne = 1073741824.f;  // 2^30
+
 __device__ __forceinline__ float key_value(uint32_t key) { return __uint_as_float(key - 1u); }
+
+// p <= cand, so the quotient stays in [0, 1] even for denormal rows
+__device__ __forceinline__ uint32_t fixed_weight(uint32_t key, float cand) {
+  return __float2uint_rn(key_value(key) / cand * kFixedOne);
+}
 
 __global__ void __launch_bounds__(kThreads)
 select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict__ valid,
@@ -66,12 +76,12 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
     typename ScanBin::TempStorage scan_bin;
     typename ScanInt::TempStorage scan_int;
   } tmp;
-  __shared__ int hist_count[1 << kRadixBits];
-  __shared__ float hist_weight[1 << kRadixBits];
+  __shared__ uint32_t hist_count[1 << kRadixBits];
+  __shared__ uint32_t hist_weight[1 << kRadixBits];
   __shared__ RowStats stats;
   __shared__ uint32_t s_prefix;
-  __shared__ float s_need;     // weight still to cover below the fixed prefix
-  __shared__ int s_tie_count;  // keys equal to the threshold
+  __shared__ uint32_t s_need;       // weight still to cover below the fixed prefix
+  __shared__ uint32_t s_tie_count;  // keys equal to the threshold
   __shared__ int s_carry[2];
   extern __shared__ uint32_t keys[];  // [nkb]
 
@@ -101,32 +111,35 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
 
   // the budget, as weight to cover among the ranked keys (>= min_key)
   const uint32_t min_key = by_count ? 1u : 2u;  // top-k ranks zeros too; mass does not
-  float need;
-  uint32_t threshold;  // keys above it are taken, ties up to `take_ties`
-  bool select = false;
+  uint32_t need = 0u;
+  uint32_t threshold = 0xffffffffu;  // keys above it are taken, ties up to `take_ties`
+  const float cand = stats.cand;
   if (by_count) {
     const int extra = max(count[row % count_rows] - stats.nkeep, 0);
-    need = static_cast<float>(min(extra, stats.ncand));
-    select = need > 0.f;
-    threshold = 0xffffffffu;
+    need = static_cast<uint32_t>(min(extra, stats.ncand));
   } else if (mass >= 1.f) {
-    need = 0.f;
     threshold = 1u;  // every candidate with p > 0
   } else {
-    need = mass * stats.total - stats.forced;
-    select = need > 0.f && stats.ncand > 0;
-    threshold = 0xffffffffu;
+    const float short_of = mass * stats.total - stats.forced;  // mass the ranked keys must add
+    if (short_of > 0.f && stats.ncand > 0) {
+      if (short_of >= cand) {
+        threshold = 1u;  // all of them (a rounding-level shortfall included)
+      } else {
+        // block j is taken while the mass before it is short: S_j < need (integers)
+        need = max(1u, static_cast<uint32_t>(ceilf(short_of / cand * kFixedOne)));
+      }
+    }
   }
 
-  int take_ties = 0;
-  if (select) {
+  uint32_t take_ties = 0u;
+  if (need > 0u) {
     if (tid == 0) {
       s_prefix = 0u;
       s_need = need;
     }
     for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
-      hist_count[tid] = 0;
-      hist_weight[tid] = 0.f;
+      hist_count[tid] = 0u;
+      hist_weight[tid] = 0u;
       __syncthreads();
       const uint32_t prefix = s_prefix;
       const uint32_t high = shift + kRadixBits >= 32 ? 0u : (0xffffffffu << (shift + kRadixBits));
@@ -135,25 +148,25 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
         key = (key & kKeepBit) ? 0u : key;
         if (key >= min_key && (key & high) == prefix) {
           const int digit = (key >> shift) & ((1 << kRadixBits) - 1);
-          atomicAdd(&hist_count[digit], 1);
-          if (!by_count) atomicAdd(&hist_weight[digit], key_value(key));
+          atomicAdd(&hist_count[digit], 1u);
+          if (!by_count) atomicAdd(&hist_weight[digit], fixed_weight(key, cand));
         }
       }
       __syncthreads();
       // thread t holds bin 255 - t: an inclusive scan sums the bins at or above it
       const int digit = (1 << kRadixBits) - 1 - tid;
-      const int cnt = hist_count[digit];
-      const Bin mine{by_count ? static_cast<float>(cnt) : hist_weight[digit], cnt};
+      const uint32_t cnt = hist_count[digit];
+      const Bin mine{by_count ? cnt : hist_weight[digit], cnt};
       Bin incl, total;
       ScanBin(tmp.scan_bin).InclusiveScan(mine, incl, BinSum(), total);
-      const float rem = s_need;
-      const float excl = incl.weight - mine.weight;
-      // the bin where the running weight crosses `rem`; with rounding the crossing may be
-      // missed, then the lowest non-empty bin takes everything
+      const uint32_t rem = s_need;
+      const uint32_t excl = incl.weight - mine.weight;
+      // the bin where the running weight reaches `rem`; when the rounded weights fall short
+      // of it, the lowest non-empty bin takes everything
       const bool crosses = excl < rem && incl.weight >= rem;
-      const bool lowest = cnt > 0 && incl.count == total.count && total.weight < rem;
+      const bool lowest = incl.count == total.count && total.weight < rem;
       __syncthreads();
-      if (cnt > 0 && (crosses || lowest)) {
+      if (cnt > 0u && (crosses || lowest)) {
         s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
         s_need = rem - excl;
         s_tie_count = cnt;
@@ -161,14 +174,13 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
       __syncthreads();
     }
     threshold = s_prefix;
-    const float rem = s_need;
+    const uint32_t rem = s_need;
     if (by_count) {
-      take_ties = static_cast<int>(rem);
+      take_ties = rem;
     } else {
-      // tie j (0-based) is taken while the mass before it is short of the target
-      const float ratio = rem / key_value(threshold);
-      take_ties = ratio >= static_cast<float>(s_tie_count) ? s_tie_count
-                                                            : static_cast<int>(ceilf(ratio));
+      // tie j (0-based) is taken while the weight before it is short: S + j * w < need
+      const uint32_t w = fixed_weight(threshold, cand);
+      take_ties = w == 0u ? s_tie_count : min(s_tie_count, (rem + w - 1u) / w);
     }
   }
 
@@ -189,7 +201,7 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
     ScanInt(tmp.scan_int).ExclusiveSum(tie ? 1 : 0, rank, ties_here);
     rank += s_carry[0];
     const bool take = i < nkb && (forced || (key > threshold && !forced) ||
-                                  (tie && rank < take_ties));
+                                  (tie && static_cast<uint32_t>(rank) < take_ties));
     __syncthreads();
     int pos, taken_here;
     ScanInt(tmp.scan_int).ExclusiveSum(take ? 1 : 0, pos, taken_here);
