@@ -36,9 +36,12 @@ __device__ __forceinline__ int floor_div(int a, int b) {  // Python's a // b for
   return a >= 0 ? a / b : -((-a + b - 1) / b);
 }
 
-// int32 -> float without I2F (quarter rate): exact for |x| < 2^22, true for D <= 128 int8 dots
-__device__ __forceinline__ float int_to_float(int32_t x) {
-  return __int_as_float(x + 0x4B400000) - 12582912.f;
+// int32 -> float without I2F (quarter rate): the accumulators start at the bits of 1.5 * 2^23,
+// so bias + dot read as a float is exactly 1.5 * 2^23 + dot for |dot| < 2^22 (true for D <= 128
+// int8 dots: 127^2 * 128 < 2^21); one FADD removes the bias
+constexpr int32_t kBiasBits = 0x4B400000;
+__device__ __forceinline__ float int_to_float(int32_t biased) {
+  return __int_as_float(biased) - 12582912.f;
 }
 
 __device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -87,7 +90,8 @@ __device__ __forceinline__ void load_k_tile(int8_t* dst, const int8_t* k_head, i
   }
 }
 
-// S[16 rows, BLOCK_N] of one warp: acc[n][0..1] row lane/4, acc[n][2..3] row lane/4 + 8, columns
+// S[16 rows, BLOCK_N] of one warp (biased, see int_to_float): acc[n][0..1] row lane/4,
+// acc[n][2..3] row lane/4 + 8, columns
 // n * 8 + (lane % 4) * 2 + {0, 1}
 template <int HEAD_DIM, int BLOCK_N>
 __device__ __forceinline__ void warp_scores(int32_t (&acc)[BLOCK_N / 8][4],
@@ -96,7 +100,7 @@ __device__ __forceinline__ void warp_scores(int32_t (&acc)[BLOCK_N / 8][4],
   using T = Tile<HEAD_DIM, BLOCK_N>;
 #pragma unroll
   for (int n = 0; n < T::kNTiles; ++n) {
-    acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0;
+    acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = kBiasBits;
     const int8_t* krow = tile + (n * 8 + lane / 4) * T::kStride + (lane % 4) * 4;
 #pragma unroll
     for (int ks = 0; ks < T::kKSteps; ++ks) {
