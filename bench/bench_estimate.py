@@ -23,7 +23,6 @@ methods is bench/accuracy.py's job). Writes <out>/bench_estimate.{json,csv,png} 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
@@ -35,7 +34,10 @@ from sparse_attn import BlockLayout, block_sparse_attention, estimators
 from sparse_attn.module import _LAYOUT_OPS
 
 STEM = "bench_estimate"
-ORDER = ("proxy", "lowbit", "block_topk", "streaming", "anchor", "vertical_slash")
+# name[key=value;...]: an estimator with extra config (proxy's per-KV-head layout: the faster
+# GQA-packed kernel path)
+ORDER = ("proxy", "proxy[gqa_reduce=max]", "lowbit", "block_topk", "streaming", "anchor",
+         "vertical_slash")
 TARGET_PCT = {"proxy": 5.0, "anchor": 5.0, "lowbit": 10.0}
 TARGET_SPEEDUP = 7.0
 
@@ -76,6 +78,25 @@ def parse_args(argv=None):
         if not torch.cuda.is_available():
             args.heads, args.kv_heads, args.head_dim = 4, 2, 64
     return args
+
+
+def _parse_method(spec: str) -> tuple[str, dict]:
+    """``"proxy[gqa_reduce=max]"`` -> ``("proxy", {"gqa_reduce": "max"})`` (values: int, float
+    or str)."""
+    if "[" not in spec:
+        return spec, {}
+    name, rest = spec.split("[", 1)
+    extra = {}
+    for item in rest.rstrip("]").split(";"):
+        key, value = item.split("=", 1)
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        extra[key.strip()] = value
+    return name, extra
 
 
 def _budget_config(name: str, seqlen: int, block: int, density: float, mass: float | None):
@@ -134,9 +155,10 @@ def bench_length(args, seqlen: int, budget: Budget, warm: int, rep: int):
 
     rows = []
     available = estimators.available()
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for spec in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        name, extra = _parse_method(spec)
         for budget_name, mass in (("density", None), ("mass", args.mass)):
-            row = {**base, "section": "estimate", "method": name, "dense_ms": best,
+            row = {**base, "section": "estimate", "method": spec, "dense_ms": best,
                    "target_pct": TARGET_PCT.get(name),
                    "budget": f"density={args.density}" if mass is None else f"mass={mass}"}
             rows.append(row)
@@ -149,7 +171,7 @@ def bench_length(args, seqlen: int, budget: Budget, warm: int, rep: int):
             if name == "streaming" and mass is not None:
                 rows.pop()  # a fixed window has no mass budget
                 continue
-            config = _budget_config(name, seqlen, args.block, args.density, mass)
+            config = {**_budget_config(name, seqlen, args.block, args.density, mass), **extra}
             (est, note), err = guarded(_get, name, config)
             if err:
                 row["note"] = err
@@ -194,34 +216,17 @@ def bench_length(args, seqlen: int, budget: Budget, warm: int, rep: int):
     return dense_rows + rows
 
 
-def _sink_sample(seqlen, heads, dim, block, device, dtype, seed=0):
-    """A sink key holding most of each row's mass; other key blocks' log mass relative to it
-    spread evenly over [-18, -8] in every prefix: skipped mass grows with L at fixed lambda."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(1, heads, 1, dim, generator=g)
-    u = u / u.norm(dim=-1, keepdim=True)
-    nb = -(-seqlen // block)
-    phase = torch.rand(1, heads, 1, 1, generator=g)
-    level = ((torch.arange(nb)[None, None, :, None] * 0.6180339887 + phase) % 1.0) * 10 - 18
-    beta = 8 + level.repeat_interleave(block, dim=2)[:, :, :seqlen]
-    beta = beta + 0.3 * torch.randn(1, heads, seqlen, 1, generator=g)
-    beta[:, :, 0] = 8.0
-    k = beta * u + 0.05 * torch.randn(1, heads, seqlen, dim, generator=g)
-    q = math.sqrt(dim) * u + 0.05 * torch.randn(1, heads, seqlen, dim, generator=g)
-    v = torch.randn(1, heads, seqlen, dim, generator=g)
-    return (t.to(device=device, dtype=dtype) for t in (q, k, v))
-
-
 def bench_threshold(args, budget: Budget):
     """Calibrated lambda at several lengths (synthetic sink-dominated attention)."""
-    from sparse_attn.estimators import threshold_vs_length
+    from sparse_attn.estimators.threshold import sink_sample, threshold_vs_length
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lengths = parse_list(args.threshold_lengths, int)
     block = args.block if device == "cuda" else 64
     heads = 4 if device == "cuda" else 1
-    q, k, v = _sink_sample(max(lengths), heads, args.head_dim, block, device, dtype)
+    q, k, v = (t.to(device=device, dtype=dtype)
+               for t in sink_sample(max(lengths), heads, args.head_dim, block))
     if budget.spent():
         return [{"section": "threshold", "note": "skipped: time budget spent"}]
     cands = [10.0 ** (-e / 4) for e in range(4, 37)]  # 1e-1 .. 1e-9

@@ -13,7 +13,6 @@ the int8 dot accumulates in int32 and is rescaled in fp32.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -103,6 +102,24 @@ def _row_mask(offs_n, row_pos, seqlen_k, sink_end, local_lo, IS_CAUSAL: tl.const
 
 
 @triton.jit
+def _norm_step(m_i, l_i, b_q, K_base, stride_kn, stride_kd, start_n, seqlen_k, q_scale,
+               KS_base, row_pos, sink_end, local_blocks, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_INT8: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Pass 1 on one key tile: the rows' running max and normaliser (log2 units)."""
+    s = _tile_scores(b_q, K_base, stride_kn, stride_kd, start_n, seqlen_k, q_scale, KS_base,
+                     BLOCK_N, HEAD_DIM, BLOCK_D, IS_INT8)
+    m = _row_mask(start_n + tl.arange(0, BLOCK_N), row_pos, seqlen_k, sink_end, local_blocks,
+                  IS_CAUSAL, WINDOW, BLOCK_N)
+    s = tl.where(m, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # rows with nothing seen yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+    return m_new, l_i
+
+
+@triton.jit
 def _block_scores_kernel(
     Q, K, QS, KS, POS, OUT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -152,25 +169,13 @@ def _block_scores_kernel(
         lo2 = tl.maximum(sink_end, (first_pos // BLOCK_N - local_blocks + 1) * BLOCK_N)
         lo2 = tl.maximum(lo2, 0)
         for start_n in range(0, tl.minimum(sink_end, hi), BLOCK_N):
-            s = _tile_scores(b_q, K_base, stride_kn, stride_kd, start_n, seqlen_k, q_scale,
-                             KS_base, BLOCK_N, HEAD_DIM, BLOCK_D, IS_INT8)
-            m = _row_mask(start_n + tl.arange(0, BLOCK_N), row_pos, seqlen_k, sink_end,
-                          local_blocks, IS_CAUSAL, WINDOW, BLOCK_N)
-            s = tl.where(m, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-            m_i = m_new
+            m_i, l_i = _norm_step(m_i, l_i, b_q, K_base, stride_kn, stride_kd, start_n,
+                                  seqlen_k, q_scale, KS_base, row_pos, sink_end, local_blocks,
+                                  BLOCK_N, HEAD_DIM, BLOCK_D, IS_INT8, IS_CAUSAL, WINDOW)
     for start_n in range(lo2, hi, BLOCK_N):
-        s = _tile_scores(b_q, K_base, stride_kn, stride_kd, start_n, seqlen_k, q_scale,
-                         KS_base, BLOCK_N, HEAD_DIM, BLOCK_D, IS_INT8)
-        m = _row_mask(start_n + tl.arange(0, BLOCK_N), row_pos, seqlen_k, sink_end,
-                      local_blocks, IS_CAUSAL, WINDOW, BLOCK_N)
-        s = tl.where(m, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-        m_i = m_new
+        m_i, l_i = _norm_step(m_i, l_i, b_q, K_base, stride_kn, stride_kd, start_n, seqlen_k,
+                              q_scale, KS_base, row_pos, sink_end, local_blocks, BLOCK_N,
+                              HEAD_DIM, BLOCK_D, IS_INT8, IS_CAUSAL, WINDOW)
     # rows that saw nothing (padding) contribute 0
     inv_l = tl.where(l_i > 0, 1.0 / l_i, 0.0) / ROWS
     m_i = tl.where(m_i == float("-inf"), 0.0, m_i)

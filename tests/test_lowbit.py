@@ -8,7 +8,7 @@ from sparse_attn.estimators import proxy as proxy_mod
 from sparse_attn.estimators.metrics import attention_recall
 from sparse_attn.kernels.estimate import block_scores, quantize_int8
 from sparse_attn.reference.estimate import block_scores_ref, quantize_int8_ref, sample_rows
-from test_proxy import _planted
+from test_proxy import _planted, check_sync_free_and_capturable
 
 
 @pytest.mark.parametrize("shape,block,dtype", [
@@ -136,23 +136,5 @@ def test_gpu_int8_block_scores_big():
 def test_gpu_lowbit_no_sync_graph_capture(config):
     q, k = _planted(2, 8, 2, 4096, d=128, block=128)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
-    est = estimators.get("lowbit", **config)
-    ref = est.estimate(q, k)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layout = est.estimate(q, k)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(layout.to_mask(), ref.to_mask())
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        est.estimate(q, k)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = est.estimate(q, k)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured.counts, ref.counts) and torch.equal(captured.indices, ref.indices)
+    ref = check_sync_free_and_capturable(estimators.get("lowbit", **config), q, k)
+    assert attention_recall(q.float(), k.float(), ref).mean() > 0.5

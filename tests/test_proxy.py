@@ -159,6 +159,31 @@ def test_proxy_bad_shapes():
 
 
 # ----------------------------------------------------------------------------------- GPU
+def check_sync_free_and_capturable(est, q, k):
+    """``est.estimate(q, k)`` on CUDA: no host sync, and a CUDA graph replays the same layout.
+    Returns the eager layout."""
+    ref = est.estimate(q, k)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layout = est.estimate(q, k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(layout.to_mask(), ref.to_mask())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        est.estimate(q, k)  # warm-up on a side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = est.estimate(q, k)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.counts, ref.counts) and torch.equal(captured.indices, ref.indices)
+    return ref
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_block_scores_big(dtype):
@@ -181,24 +206,5 @@ def test_gpu_block_scores_big(dtype):
 def test_gpu_proxy_no_sync_graph_capture(config):
     q, k = _planted(2, 8, 2, 4096, d=128, block=128)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
-    est = estimators.get("proxy", **config)
-    ref = est.estimate(q, k)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layout = est.estimate(q, k)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(layout.to_mask(), ref.to_mask())
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        est.estimate(q, k)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = est.estimate(q, k)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured.counts, ref.counts) and torch.equal(captured.indices, ref.indices)
+    ref = check_sync_free_and_capturable(estimators.get("proxy", **config), q, k)
     assert attention_recall(q.float(), k.float(), ref).mean() > 0.5

@@ -1,36 +1,15 @@
 """``threshold`` (BLASST): the dense layout + the kernel's softmax-threshold skip, the torch
 emulation of the skip, and the calibration helper (lambda for a target error, lambda vs length).
 """
-import math
 
 import pytest
 import torch
 
 from sparse_attn import estimators, sparse_attention
 from sparse_attn.estimators import calibrate_threshold, threshold_vs_length
-from sparse_attn.estimators.threshold import blasst_attention_ref
+from sparse_attn.estimators.threshold import blasst_attention_ref, sink_sample
 from sparse_attn.layout import BlockLayout
 from sparse_attn.reference.dense import attention_ref
-
-
-def _sink_sample(s, h=2, d=64, block=64, seed=0):
-    """A sink key that holds most of every row's mass and other key blocks whose log mass
-    relative to the sink is spread evenly over [-18, -8] in every prefix (a golden-ratio
-    sequence): the setting where BLASST's skipped mass grows with the length at a fixed
-    lambda."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(1, h, 1, d, generator=g)
-    u = u / u.norm(dim=-1, keepdim=True)
-    nb = -(-s // block)
-    phase = torch.rand(1, h, 1, 1, generator=g)
-    level = ((torch.arange(nb)[None, None, :, None] * 0.6180339887 + phase) % 1.0) * 10 - 18
-    beta = 8 + level.repeat_interleave(block, dim=2)[:, :, :s]
-    beta = beta + 0.3 * torch.randn(1, h, s, 1, generator=g)
-    beta[:, :, 0] = 8.0
-    k = beta * u + 0.05 * torch.randn(1, h, s, d, generator=g)
-    q = math.sqrt(d) * u + 0.05 * torch.randn(1, h, s, d, generator=g)
-    v = torch.randn(1, h, s, d, generator=g)
-    return q, k, v
 
 
 def _dense(q, k, v, causal=True):
@@ -52,7 +31,7 @@ def test_blasst_ref_without_threshold_is_dense(hq, hkv, sq, sk, causal):
 
 
 def test_blasst_ref_error_and_skips_grow_with_lambda():
-    q, k, v = _sink_sample(512)
+    q, k, v = sink_sample(512)
     ref = _dense(q, k, v)
     errs, skips = [], []
     for lam in (1e-6, 1e-4, 1e-2):
@@ -64,7 +43,7 @@ def test_blasst_ref_error_and_skips_grow_with_lambda():
 
 
 def test_calibrate_picks_largest_lambda_within_target():
-    q, k, v = _sink_sample(512)
+    q, k, v = sink_sample(512)
     cal = calibrate_threshold(q, k, v, target_error=0.01, block_m=64, block_n=64)
     i = cal.candidates.index(cal.threshold)
     assert cal.errors[i] <= 0.01
@@ -74,7 +53,7 @@ def test_calibrate_picks_largest_lambda_within_target():
 
 
 def test_threshold_inverse_relation_with_length():
-    q, k, v = _sink_sample(2048)
+    q, k, v = sink_sample(2048)
     cands = [10.0 ** (-e / 4) for e in range(12, 29)]  # 1e-3 .. 1e-7
     fit = threshold_vs_length(q, k, v, [512, 1024, 2048], target_error=1e-3, candidates=cands,
                               block_m=64, block_n=64)
@@ -96,7 +75,7 @@ def test_threshold_estimator_dense_layout_and_lambda():
 
 def test_threshold_through_sparse_attention_triton():
     # the kernel (interpreter) skips with the estimator's lambda; error stays small
-    q, k, v = _sink_sample(256, h=2, d=32)
+    q, k, v = sink_sample(256, heads=2, dim=32)
     ref = _dense(q, k, v)
     out = sparse_attention(q, k, v, "threshold", min_seqlen=0, backend="triton",
                            block_m=64, block_n=64, threshold=1e-3)
@@ -129,7 +108,7 @@ def test_calibrate_bad_args():
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_gpu_calibration_kernel_vs_emulation():
-    q, k, v = (t.cuda() for t in _sink_sample(4096, h=4, d=128, block=128))
+    q, k, v = (t.cuda() for t in sink_sample(4096, heads=4, dim=128, block=128))
     cal_gpu = calibrate_threshold(q.bfloat16(), k.bfloat16(), v.bfloat16(), target_error=0.02)
     cal_cpu = calibrate_threshold(q, k, v, target_error=0.02, backend="torch")
     i, j = (c.candidates.index(c.threshold) for c in (cal_gpu, cal_cpu))
@@ -139,6 +118,6 @@ def test_gpu_calibration_kernel_vs_emulation():
 
 @pytest.mark.gpu
 def test_gpu_threshold_vs_length():
-    q, k, v = (t.cuda().bfloat16() for t in _sink_sample(16384, h=4, d=128, block=128))
+    q, k, v = (t.cuda().bfloat16() for t in sink_sample(16384, heads=4, dim=128, block=128))
     fit = threshold_vs_length(q, k, v, [2048, 4096, 8192, 16384], target_error=0.01)
     assert 0.5 < fit["beta"] < 2.0, fit

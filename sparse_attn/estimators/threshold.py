@@ -24,7 +24,7 @@ from .base import register
 from .select import BlockEstimator, _is_real
 
 __all__ = ["Threshold", "ThresholdCalibration", "blasst_attention_ref", "calibrate_threshold",
-           "threshold_vs_length"]
+           "sink_sample", "threshold_vs_length"]
 
 # default lambda * seqlen_k (calibrate_threshold gives the value for a model and target error)
 DEFAULT_THRESHOLD_SCALE = 1.0
@@ -279,3 +279,33 @@ def threshold_vs_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengt
     slope = float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
     return {"lengths": lengths, "thresholds": [c.threshold for c in cals], "calibrations": cals,
             "a": math.exp(float(ym - slope * xm)), "beta": -slope}
+
+
+def sink_sample(seqlen: int, heads: int = 2, dim: int = 64, block: int = 64, *, seed: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A synthetic sample where BLASST's skipped mass grows with the length at a fixed lambda
+    (for tests and benchmarks of the calibration): key 0 is a sink holding most of every row's
+    mass; every other key block's log mass relative to it lies in [-18, -8], spread evenly in
+    every prefix (a golden-ratio sequence), so longer contexts hold proportionally more
+    skippable blocks.
+
+    Returns:
+        fp32 ``q, k, v [1, heads, seqlen, dim]`` on the CPU.
+
+    Example:
+        >>> q, k, v = sink_sample(1024)
+        >>> fit = threshold_vs_length(q, k, v, [256, 512, 1024], target_error=1e-3)
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(1, heads, 1, dim, generator=g)
+    u = u / u.norm(dim=-1, keepdim=True)
+    nb = -(-seqlen // block)
+    phase = torch.rand(1, heads, 1, 1, generator=g)
+    level = ((torch.arange(nb)[None, None, :, None] * 0.6180339887 + phase) % 1.0) * 10 - 18
+    beta = 8 + level.repeat_interleave(block, dim=2)[:, :, :seqlen]
+    beta = beta + 0.3 * torch.randn(1, heads, seqlen, 1, generator=g)
+    beta[:, :, 0] = 8.0
+    k = beta * u + 0.05 * torch.randn(1, heads, seqlen, dim, generator=g)
+    q = math.sqrt(dim) * u + 0.05 * torch.randn(1, heads, seqlen, dim, generator=g)
+    v = torch.randn(1, heads, seqlen, dim, generator=g)
+    return q, k, v
