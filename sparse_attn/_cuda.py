@@ -9,8 +9,8 @@ Order of attempts, once per process (``functools.cache``):
    and ``TORCH_CUDA_ARCH_LIST`` and rebuilds only when a source changes. ``SPARSE_ATTN_JIT=0``
    turns it off, ``SPARSE_ATTN_CUDA=0`` turns the extension off altogether.
 
-Without CUDA (or when both fail) one INFO line says why, and every op runs through its Triton
-kernel or torch reference. The ops are ``torch.ops.sparse_attn.*`` with fake implementations
+Without CUDA one INFO line says why (a WARNING when a build or load fails), and every op runs
+through its Triton kernel or torch reference. The ops are ``torch.ops.sparse_attn.*`` with fake implementations
 registered here, so they trace under ``torch.compile``. Never import the extension at module
 top: call :func:`ops` (or :func:`available`) where it is needed.
 """
@@ -125,8 +125,10 @@ def ops():
             _register_fakes()
             logger.debug("sparse_attn CUDA extension: %s (%s)", _state["state"], _state["detail"])
             return torch.ops.sparse_attn
-    logger.info("sparse_attn: CUDA extension %s (%s); using the Triton kernels and torch "
-                "references instead", _state["state"], _state["detail"])
+    # a failed build on a CUDA machine is worth a warning; no CUDA at all is the normal CPU case
+    level = logging.WARNING if _state["state"] == "failed" else logging.INFO
+    logger.log(level, "sparse_attn: CUDA extension %s (%s); using the Triton kernels and torch "
+               "references instead", _state["state"], _state["detail"])
     return None
 
 
