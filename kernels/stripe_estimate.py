@@ -1,20 +1,22 @@
 """Triton estimation kernels of the stripe estimators (``anchor``).
 
-Two kernels, both one program per (query block, batch x head):
+- ``_anchor_pool_kernel`` (one program per query block and head): mean-pools the query block
+  and takes every row's maximum scaled score over its dense keys (sink blocks + local window,
+  causally masked); the block anchor is the mean of those row maxima. Reads only the block's Q
+  tile and its few dense K tiles.
+- ``_stripe_scan_kernel`` (one program per ``QB`` query blocks and output head): scores the
+  pooled queries of ``QB`` blocks x the query heads of a group (one ``tl.dot`` of ``QB * GP``
+  rows per K tile, so each K tile is read once for all of them) against every reachable key,
+  takes the group's maximum of ``score - anchor`` per key, and either (``MODE=0``) sums the
+  candidates' weight (``exp(diff)`` for a mass budget, 1 for a count) above ``NT`` thresholds,
+  or (``MODE=1``) keeps the candidates with ``diff >= threshold`` and writes their positions
+  compacted, in increasing order, with a running count.
 
-- ``_anchor_pool_kernel``: mean-pools the query block and takes every row's maximum scaled score
-  over its dense keys (sink blocks + local window, causally masked): the block anchor is the mean
-  of those row maxima. Reads only the block's Q tile and its few dense K tiles.
-- ``_stripe_scan_kernel``: scores the pooled queries of a group (all query heads of one KV head,
-  or one head) against every reachable key, takes the group's maximum of ``score - anchor`` per
-  key, and either (``MODE=0``) accumulates a histogram of those differences over the candidate
-  columns (weighted by ``exp(diff)`` for a mass budget, by 1 for a count budget; the dense keys'
-  total in the last slot), or (``MODE=1``) keeps the candidates with ``diff >= threshold`` and
-  writes their positions compacted, in increasing order, with a running count.
-
-A budget other than ``theta`` becomes a per-block threshold from the histogram in torch (cumulative
-sums, no host synchronisation): the lower edge of the bin where the budget is reached, so the kept
-set covers the budget and overshoots it by at most one bin (``_BIN_WIDTH`` in logits).
+A budget other than ``theta`` becomes a per-block threshold by an ``NT``-ary search (three
+``MODE=0`` passes, optionally over a strided sample of the keys; the arithmetic between passes is
+torch on the device, no host synchronisation). The threshold is the lower edge of the finest
+interval where the budget is reached, so the kept set covers the budget and exceeds it by at
+most that interval (0.008 logits).
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-_BIN_LOW = -24.0  # differences below this share the lowest bin (weight e**-24: nothing)
-_BIN_WIDTH = 0.25
-_NUM_BINS = 128  # covers [-24, 8); larger differences share the top bin
+_SEARCH_LOW = -24.0  # thresholds searched in [low, low + span): e**-24 weighs nothing
+_SEARCH_SPAN = 32.0
+_NUM_THRESHOLDS = 16  # per pass
+_SEARCH_LEVELS = 3  # resolution 32 / 16**3 = 0.008 logits
 _MAX_EXP = 30.0  # exp(diff) is clamped here (a pooled score far above its anchor)
 
 
@@ -87,105 +90,116 @@ def _anchor_pool_kernel(
 
 @triton.jit
 def _stripe_scan_kernel(
-    QBAR, ABAR, K, THR, LOWS, HIST, COUNTS, INDICES,
+    QBAR, ABAR, K, THR, LOWS, MASS, COUNTS, INDICES,
     stride_kb, stride_kh, stride_ks,
     num_out_heads, num_q_heads, group, kv_group, seqlen_q, seqlen_k, num_k_blocks, sink_blocks,
-    local_blocks, max_columns, scale, bin_width,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, G_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_BINS: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MODE: tl.constexpr, WEIGHTED: tl.constexpr, MAX_EXP: tl.constexpr,
-    REFINE: tl.constexpr,
+    local_blocks, max_columns, scale, step,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GP: tl.constexpr, QB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr,
+    KEY_STRIDE: tl.constexpr, IS_CAUSAL: tl.constexpr, MODE: tl.constexpr,
+    WEIGHTED: tl.constexpr, MAX_EXP: tl.constexpr,
 ):
+    # QB query blocks x GP heads of a group share every K tile: QB * GP pooled rows per dot
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_out_heads
     ho = pid_bh % num_out_heads
-    # query heads of this output head: the whole group (per KV head) or one head
     hk = (ho * group) // kv_group  # ho itself per KV head; ho // kv_group per query head
     nqb = tl.cdiv(seqlen_q, BLOCK_M)
-    offs_g = tl.arange(0, G_PAD)
+    offs_r = tl.arange(0, QB * GP)
+    qb_r = pid_m * QB + offs_r // GP
+    g_r = offs_r % GP
+    m_r = (qb_r < nqb) & (g_r < group)
     offs_d = tl.arange(0, D_PAD)
-    m_g = offs_g < group
     m_d = offs_d < HEAD_DIM
-    hq = ho * group + offs_g  # [G_PAD]
-    row = (b * num_q_heads + hq) * nqb + pid_m
+    row = (b * num_q_heads + ho * group + g_r) * nqb + qb_r
     b_qbar = tl.load(QBAR + row[:, None] * HEAD_DIM + offs_d[None, :],
-                     mask=m_g[:, None] & m_d[None, :], other=0.0)  # [G_PAD, D_PAD] fp32
-    b_abar = tl.load(ABAR + row, mask=m_g, other=float("inf"))  # padded heads never win
+                     mask=m_r[:, None] & m_d[None, :], other=0.0)  # [QB * GP, D_PAD] fp32
+    b_abar = tl.load(ABAR + row, mask=m_r, other=float("inf"))  # padded rows never win
 
+    offs_qb = pid_m * QB + tl.arange(0, QB)
+    m_qb = offs_qb < nqb
     offset = seqlen_k - seqlen_q
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, seqlen_q - 1) + offset
+    last = tl.minimum(offs_qb * BLOCK_M + BLOCK_M - 1, seqlen_q - 1) + offset  # [QB]
     diag = tl.minimum(last // BLOCK_N, num_k_blocks - 1)
     if IS_CAUSAL:
         limit = tl.minimum(last + 1, seqlen_k)
     else:
-        limit = seqlen_k
-    out_row = pid_bh * nqb + pid_m
+        limit = tl.zeros([QB], tl.int32) + seqlen_k
+    limit = tl.where(m_qb, limit, 0)
+    hi = tl.max(limit, axis=0)
+    out_row = pid_bh * nqb + offs_qb  # [QB]
+    offs_t = tl.arange(0, NT)
     if MODE == 1:
-        thr = tl.load(THR + out_row)
+        thr = tl.load(THR + out_row, mask=m_qb, other=float("inf"))
     else:
-        bin_low = tl.load(LOWS + out_row)
-    count = tl.zeros([], tl.int32)
-    forced_total = tl.zeros([], tl.float32)
-    hist = tl.zeros([NUM_BINS], tl.float32)
-    offs_bin = tl.arange(0, NUM_BINS)
+        low = tl.load(LOWS + out_row, mask=m_qb, other=0.0)
+        thrs = low[:, None] + offs_t[None, :].to(tl.float32) * step  # [QB, NT]
+    acc = tl.zeros([QB, NT], tl.float32)
+    forced_total = tl.zeros([QB], tl.float32)
+    cand_total = tl.zeros([QB], tl.float32)
+    count = tl.zeros([QB], tl.int32)
     k_base = K + b * stride_kb + hk * stride_kh
-    for start in range(0, limit, BLOCK_K):
-        offs_k = start + tl.arange(0, BLOCK_K)
-        valid = offs_k < limit
+    for start in range(0, hi, BLOCK_K * KEY_STRIDE):
+        offs_k = start + tl.arange(0, BLOCK_K) * KEY_STRIDE  # a strided sample when > 1
         b_k = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
-                      mask=valid[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(b_qbar, tl.trans(b_k)) * scale  # [G_PAD, BLOCK_K]
-        diff = tl.max(s - b_abar[:, None], axis=0)  # [BLOCK_K]
+                      mask=(offs_k < hi)[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        s = tl.dot(b_qbar, tl.trans(b_k)) * scale - b_abar[:, None]  # [QB * GP, BLOCK_K]
+        diff = tl.max(tl.reshape(s, [QB, GP, BLOCK_K]), axis=1)  # the group's maximum
         kb = offs_k // BLOCK_N
-        forced = (kb < sink_blocks) | ((kb <= diag) & (kb > diag - local_blocks))
-        cand = valid & ~forced
+        forced = (kb[None, :] < sink_blocks) | (
+            (kb[None, :] <= diag[:, None]) & (kb[None, :] > diag[:, None] - local_blocks))
+        valid = offs_k[None, :] < limit[:, None]
+        cand = valid & ~forced  # [QB, BLOCK_K]
         if MODE == 0:
             if WEIGHTED:
                 w = tl.exp(tl.minimum(diff, MAX_EXP))
             else:
-                w = tl.full([BLOCK_K], 1.0, tl.float32)
-            forced_total += tl.sum(tl.where(valid & forced, w, 0.0), axis=0)
-            bins = tl.floor((diff - bin_low) / bin_width).to(tl.int32)
-            bins = tl.minimum(tl.maximum(bins, 0), NUM_BINS - 1)
-            hist_cand = cand
-            if REFINE:  # a second pass resolves one coarse bin: differences below it are out
-                hist_cand = cand & (diff >= bin_low)
-            hit = (bins[:, None] == offs_bin[None, :]) & hist_cand[:, None]  # [BLOCK_K, NUM_BINS]
-            hist += tl.sum(tl.where(hit, w[:, None], 0.0), axis=0)
+                w = tl.full([QB, BLOCK_K], 1.0, tl.float32)
+            forced_total += tl.sum(tl.where(valid & forced, w, 0.0), axis=1)
+            cand_total += tl.sum(tl.where(cand, w, 0.0), axis=1)
+            # candidate weight at or above each of the NT thresholds
+            above = (diff[:, :, None] >= thrs[:, None, :]) & cand[:, :, None]
+            acc += tl.sum(tl.where(above, w[:, :, None], 0.0), axis=1)
         else:
-            sel = cand & (diff >= thr)
-            pos = count + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            tl.store(INDICES + out_row * max_columns + pos, offs_k.to(tl.int32),
-                     mask=sel & (pos < max_columns))
-            count += tl.sum(sel.to(tl.int32), axis=0)
+            sel = cand & (diff >= thr[:, None])
+            pos = count[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1
+            cols = tl.zeros([QB, BLOCK_K], tl.int32) + offs_k[None, :]
+            tl.store(INDICES + out_row[:, None] * max_columns + pos, cols,
+                     mask=sel & (pos < max_columns) & m_qb[:, None])
+            count += tl.sum(sel.to(tl.int32), axis=1)
     if MODE == 0:
-        tl.store(HIST + out_row * (NUM_BINS + 1) + offs_bin, hist)
-        tl.store(HIST + out_row * (NUM_BINS + 1) + NUM_BINS, forced_total)
+        base = MASS + out_row * (NT + 2)
+        tl.store(base[:, None] + offs_t[None, :], acc, mask=m_qb[:, None])
+        tl.store(base + NT, forced_total, mask=m_qb)
+        tl.store(base + NT + 1, cand_total, mask=m_qb)
     else:
-        tl.store(COUNTS + out_row, tl.minimum(count, max_columns))
+        tl.store(COUNTS + out_row, tl.minimum(count, max_columns), mask=m_qb)
 
 
-def _threshold_from_hist(hist: torch.Tensor, target: torch.Tensor, low, width: float
-                         ) -> torch.Tensor:
-    """Per-row threshold: the lower edge of the highest bin where the top-down cumulative
-    weight reaches ``target`` (``+inf`` when nothing is needed, ``-inf``: every candidate)."""
-    bins = hist[..., :_NUM_BINS]
-    from_top = bins.flip(-1).cumsum(-1).flip(-1)  # weight in bins >= i
-    idx = (from_top >= target[..., None]).sum(-1) - 1  # the highest bin reaching it
-    edge = low + idx.float() * width
-    edge = torch.where(idx <= 0, float("-inf"), edge)
-    return torch.where(target <= 0, float("inf"), edge)
+def _count_target(density, top_k, forced, nqb, block_m, sq, sk, causal, stride):
+    """Columns to add per query block, on the sampled keys (a ``stride``-th of them)."""
+    if density is None:
+        return torch.full_like(forced, float(top_k) / stride)
+    last = (torch.arange(nqb, device=forced.device) * block_m + block_m - 1).clamp(
+        max=sq - 1) + (sk - sq)
+    reach = (last + 1).clamp(max=sk) if causal else torch.full_like(last, sk)
+    return (density * reach.float()).round().clamp(min=1) / stride - forced
 
 
 def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: int,
                    sink_blocks: int, local_blocks: int, causal: bool, theta: float | None,
                    mass: float | None, density: float | None, top_k: int | None,
-                   max_columns: int, per_kv_head: bool, scale: float | None = None):
+                   max_columns: int, per_kv_head: bool, scale: float | None = None,
+                   sample_stride: int | None = None):
     """Anchor estimation on the device: ``(col_counts [B, H, NQB], col_indices [B, H, NQB,
     max_columns])``, int32, ``-1`` padded; ``H = Hkv`` when ``per_kv_head`` else ``Hq``.
 
-    Exactly one of ``theta``, ``mass``, ``density``, ``top_k``. No host synchronisation.
+    Exactly one of ``theta``, ``mass``, ``density``, ``top_k``. A budget other than ``theta``
+    becomes a per-block threshold through ``_SEARCH_LEVELS`` passes, each counting the
+    candidates' weight above ``_NUM_THRESHOLDS`` thresholds (an NT-ary search of
+    ``[_SEARCH_LOW, _SEARCH_LOW + _SEARCH_SPAN)``) over every ``sample_stride``-th key (default
+    1 up to 16k keys, 8 beyond); then one pass selects. No host synchronisation.
     """
     batch, hq, sq, dim = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -206,47 +220,48 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
         num_warps=4)
     group = hq // hkv if per_kv_head else 1
     heads = hkv if per_kv_head else hq
-    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows
+    gp = triton.next_power_of_2(group)
+    qb = max(1, 16 // gp)  # tl.dot needs 16 rows
+    grid = (triton.cdiv(nqb, qb), batch * heads)
     counts = torch.empty(batch, heads, nqb, device=q.device, dtype=torch.int32)
     indices = torch.full((batch, heads, nqb, max_columns), -1, device=q.device,
                          dtype=torch.int32)
+    stride = (1 if sk <= 16384 else 8) if sample_stride is None else sample_stride
 
-    def scan(mode: int, thr=None, lows=None, hist=None, weighted=False, width=_BIN_WIDTH,
-             refine=False):
+    def scan(mode: int, thr=None, lows=None, sums=None, step=0.0, weighted=False):
         dummy = abar
-        _stripe_scan_kernel[(nqb, batch * heads)](
+        _stripe_scan_kernel[grid](
             qbar, abar, k, dummy if thr is None else thr, dummy if lows is None else lows,
-            dummy if hist is None else hist, counts, indices, k.stride(0), k.stride(1),
-            k.stride(2), heads, hq, group, hq // hkv, sq, sk, nkb, sink_blocks, local_blocks,
-            max_columns, scale, width,
-            HEAD_DIM=dim, D_PAD=d_pad, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=64, NUM_BINS=_NUM_BINS, IS_CAUSAL=causal, MODE=mode, WEIGHTED=weighted,
-            MAX_EXP=_MAX_EXP, REFINE=refine, num_warps=4)
+            dummy if sums is None else sums, counts, indices,
+            k.stride(0), k.stride(1), k.stride(2), heads, hq, group, hq // hkv, sq, sk, nkb,
+            sink_blocks, local_blocks, max_columns, scale, step,
+            HEAD_DIM=dim, D_PAD=d_pad, GP=gp, QB=qb, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=64 if mode == 1 else 32, NT=_NUM_THRESHOLDS,
+            KEY_STRIDE=1 if mode == 1 else stride, IS_CAUSAL=causal, MODE=mode,
+            WEIGHTED=weighted, MAX_EXP=_MAX_EXP, num_warps=4)
 
     if theta is not None:
         thr = torch.full((batch, heads, nqb), -float(theta), device=q.device)
     else:
-        hist = torch.empty(batch, heads, nqb, _NUM_BINS + 1, device=q.device,
-                           dtype=torch.float32)
-        weighted = mass is not None
-        scan(0, lows=torch.full((batch, heads, nqb), _BIN_LOW, device=q.device), hist=hist,
-             weighted=weighted)
-        forced = hist[..., _NUM_BINS]
-        if mass is not None:
-            target = mass * (forced + hist[..., :_NUM_BINS].sum(-1)) - forced
-        elif density is not None:
-            last = (torch.arange(nqb, device=q.device) * block_m + block_m - 1).clamp(
-                max=sq - 1) + (sk - sq)
-            reach = (last + 1).clamp(max=sk) if causal else torch.full_like(last, sk)
-            target = (density * reach.float()).round().clamp(min=1) - forced
-        else:
-            target = torch.full_like(forced, float(top_k))
-        coarse = _threshold_from_hist(hist, target, _BIN_LOW, _BIN_WIDTH)
-        # second pass: the coarse bin split into NUM_BINS finer ones
-        lows = torch.where(torch.isfinite(coarse), coarse, _BIN_LOW).contiguous()
-        fine_width = _BIN_WIDTH / _NUM_BINS
-        scan(0, lows=lows, hist=hist, weighted=weighted, width=fine_width, refine=True)
-        fine = _threshold_from_hist(hist, target, lows, fine_width)
-        thr = torch.where(torch.isfinite(coarse) & torch.isfinite(fine), fine, coarse)
+        nt = _NUM_THRESHOLDS
+        sums = torch.empty(batch, heads, nqb, nt + 2, device=q.device)
+        lows = torch.full((batch, heads, nqb), _SEARCH_LOW, device=q.device)
+        step = _SEARCH_SPAN / nt
+        target = below_all = None
+        for _ in range(_SEARCH_LEVELS):
+            scan(0, lows=lows, sums=sums, step=step, weighted=mass is not None)
+            if target is None:
+                forced, total = sums[..., nt], sums[..., nt + 1]
+                target = (mass * (forced + total) - forced if mass is not None else
+                          _count_target(density, top_k, forced, nqb, block_m, sq, sk, causal,
+                                        stride))
+            # the highest threshold whose candidate weight above it still reaches the target
+            idx = (sums[..., :nt] >= target[..., None]).sum(-1) - 1
+            if below_all is None:  # even the lowest threshold misses: keep every candidate
+                below_all = idx < 0
+            lows = (lows + idx.clamp(min=0).float() * step).contiguous()
+            step = step / nt
+        thr = torch.where(below_all, float("-inf"), lows)
+        thr = torch.where(target <= 0, float("inf"), thr)
     scan(1, thr=thr.contiguous())
     return counts, indices

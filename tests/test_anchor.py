@@ -107,7 +107,9 @@ def test_budget_kernel_covers_torch(case, budget):
     a = _columns(ref.col_counts, ref.col_indices, sk)
     c = _columns(out.col_counts, out.col_indices, sk)
     assert (a & ~c).sum() <= max(1, 0.005 * a.sum().item())
-    assert (c & ~a).sum() <= max(4, 0.03 * a.sum().item())
+    # the search stops 0.008 logits below the exact cut: about one extra column per block
+    rows = ref.col_counts.numel()
+    assert (c & ~a).sum() <= max(2 * rows, 0.03 * a.sum().item())
 
 
 # ------------------------------------------------------------------------- behaviour
