@@ -10,9 +10,10 @@
 //              without a window);
 //   pass 2   : out[qb, kb] = mean over the `rows` sampled rows of qb of
 //              sum_{j in kb, reachable} exp(min(s[r, j] - m_r, 100 log2 units)) / l_r.
-// One CTA = 8 warps x 16 sampled rows (128 rows, `128 / rows` query blocks); K tiles of
-// BLOCK_N keys (= the key block) stream through shared memory with cp.async (double buffered).
-// Each warp keeps its Q fragments in registers for the whole key loop.
+// One CTA = 8 warps x 16 sampled rows: up to 8 query heads of one GQA group (the largest power
+// of two dividing the group size) x 128 / heads sampled rows; K tiles of BLOCK_N keys (= the
+// key block) stream through shared memory with cp.async (double buffered) and serve every head
+// of the CTA. Each warp keeps its Q fragments in registers for the whole key loop.
 #include <cstdint>
 
 #include "sparse_attn.h"
@@ -22,7 +23,6 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kRowsPerWarp = 16;
-constexpr int kBlockM = kWarps * kRowsPerWarp;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kMaxExp2 = 100.f;  // cap of a relative score's exponent (no fp32 overflow)
 
@@ -120,6 +120,7 @@ struct Params {
   float* out;             // [B, Hs, NQB, NKB], zero-filled
   int num_heads, group, nrows, rows, nqb, nkb, seqlen_k, pos_offset, sink_blocks,
       local_blocks;
+  int heads_per_cta;  // query heads of one GQA group packed in a CTA (divides group and kWarps)
   float qk_scale;  // softmax scale * log2(e)
   bool causal, window;
 };
@@ -135,12 +136,18 @@ lowbit_block_scores_kernel(const Params p) {
   const int lane = threadIdx.x % 32;
   // heaviest (latest) row tiles first: causal work grows with the position
   const int pid_m = gridDim.x - 1 - blockIdx.x;
-  const int bh = blockIdx.y;
-  const int b = bh / p.num_heads;
-  const int h = bh % p.num_heads;
-  const int hk = h / p.group;
+  // GQA packing: the CTA's warps cover heads_per_cta query heads of one KV head x cta_rows
+  // sampled rows, so every K tile brought into shared memory serves the whole group
+  const int warps_per_head = kWarps / p.heads_per_cta;
+  const int cta_rows = warps_per_head * kRowsPerWarp;
+  const int head_packs = p.num_heads / p.heads_per_cta;
+  const int b = blockIdx.y / head_packs;
+  const int h = (blockIdx.y % head_packs) * p.heads_per_cta + warp / warps_per_head;
+  const int hk = h / p.group;  // the same for every warp of the CTA
+  const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
 
-  const int row0 = pid_m * kBlockM + warp * kRowsPerWarp;  // first sampled row of this warp
+  // first sampled row of this warp
+  const int row0 = pid_m * cta_rows + (warp % warps_per_head) * kRowsPerWarp;
   const int r_lo = row0 + lane / 4, r_hi = r_lo + 8;
   const bool ok_lo = r_lo < p.nrows, ok_hi = r_hi < p.nrows;
   const int pos_lo = ok_lo ? p.row_pos[r_lo] + p.pos_offset : -1;
@@ -149,7 +156,7 @@ lowbit_block_scores_kernel(const Params p) {
   // Q fragments (rows r_lo / r_hi, 4 bytes at (lane % 4) * 4 of each 16-byte half of a k-step)
   uint32_t qa[T::kKSteps][4];
   {
-    const int8_t* q_head = p.q + static_cast<int64_t>(bh) * p.nrows * HEAD_DIM;
+    const int8_t* q_head = p.q + bh * p.nrows * HEAD_DIM;
     const int8_t* q_lo = q_head + static_cast<int64_t>(r_lo) * HEAD_DIM + (lane % 4) * 4;
     const int8_t* q_hi = q_head + static_cast<int64_t>(r_hi) * HEAD_DIM + (lane % 4) * 4;
 #pragma unroll
@@ -160,7 +167,7 @@ lowbit_block_scores_kernel(const Params p) {
       qa[ks][3] = ok_hi ? *reinterpret_cast<const uint32_t*>(q_hi + ks * 32 + 16) : 0u;
     }
   }
-  const float* qs_head = p.q_scale + static_cast<int64_t>(bh) * p.nqb;
+  const float* qs_head = p.q_scale + bh * p.nqb;
   const float c_lo = ok_lo ? qs_head[r_lo / p.rows] * p.qk_scale : 0.f;
   const float c_hi = ok_hi ? qs_head[r_hi / p.rows] * p.qk_scale : 0.f;
   const int8_t* k_head = p.k + (static_cast<int64_t>(b) * (p.num_heads / p.group) + hk) *
@@ -170,8 +177,8 @@ lowbit_block_scores_kernel(const Params p) {
 
   // key range of the CTA: up to its last row's position (causal), window start for pass 1
   if (warp == 0) {
-    const int first = pid_m * kBlockM;
-    const int last = min(p.nrows, first + kBlockM);
+    const int first = pid_m * cta_rows;
+    const int last = min(p.nrows, first + cta_rows);
     int max_pos = -1, min_pos = 0x7fffffff;
     for (int r = first + lane; r < last; r += 32) {  // positions need not be sorted
       const int pos = p.row_pos[r] + p.pos_offset;
@@ -286,7 +293,7 @@ lowbit_block_scores_kernel(const Params p) {
   m_hi = m_hi == -INFINITY ? 0.f : m_hi;
 
   // ---- pass 2: per key block, the rows' relative mass, reduced over each query block's rows
-  float* out_head = p.out + static_cast<int64_t>(bh) * p.nqb * p.nkb;
+  float* out_head = p.out + bh * p.nqb * p.nkb;
   const int qb_lo = r_lo / p.rows, qb_hi = r_hi / p.rows;
   if (n_tiles > 0) {
     load_k_tile<HEAD_DIM, BLOCK_N>(buf(0), k_head, 0, p.seqlen_k);
@@ -368,7 +375,8 @@ cudaError_t launch(const Params& p, int batch, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid((p.nrows + kBlockM - 1) / kBlockM, batch * p.num_heads);
+  const int cta_rows = kWarps / p.heads_per_cta * kRowsPerWarp;
+  const dim3 grid((p.nrows + cta_rows - 1) / cta_rows, batch * (p.num_heads / p.heads_per_cta));
   kernel<<<grid, kWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -394,6 +402,8 @@ cudaError_t launch_lowbit_block_scores(const int8_t* q, const int8_t* k, const f
   p.out = out;
   p.num_heads = num_heads;
   p.group = num_heads / num_kv_heads;
+  p.heads_per_cta = 1;
+  while (p.heads_per_cta < kWarps && p.group % (2 * p.heads_per_cta) == 0) p.heads_per_cta *= 2;
   p.nrows = nrows;
   p.rows = rows;
   p.nqb = nrows / rows;
