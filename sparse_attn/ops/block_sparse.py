@@ -11,14 +11,16 @@ _OP = "block_sparse_attention"
 
 
 def check_layout(layout, q: torch.Tensor, k: torch.Tensor, *, op: str,
-                 check_indices: bool | None) -> None:
+                 check_indices: bool | None, layout_type: type = BlockLayout) -> None:
     """The layout fits q/k: type, batch, heads, device, sequence lengths (and indices).
 
     Index checks read the layout back to the host once per layout object; they are skipped
     under CUDA-graph capture, with ``check_indices=False``, or for a layout already checked.
+    ``layout_type``: the layout class the op takes (any with batch/num_heads/device/validate).
     """
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(f"{op}: layout must be a BlockLayout, got {type(layout).__name__}")
+    if not isinstance(layout, layout_type):
+        raise TypeError(
+            f"{op}: layout must be a {layout_type.__name__}, got {type(layout).__name__}")
     hq, hkv = q.shape[1], k.shape[1]
     if layout.batch != q.shape[0]:
         raise ValueError(f"{op}: layout batch {layout.batch} but q has batch {q.shape[0]}")
@@ -91,20 +93,26 @@ def block_sparse_attention(
 
     if chosen == "torch":
         out, lse = block_sparse_attention_ref(q, k, v, layout, causal=causal, scale=scale)
-        out = out.to(q.dtype)
-        skipped = torch.zeros((), dtype=torch.float32, device=q.device)
-    else:
-        from ..kernels.block_sparse import block_sparse_fwd
+        return op_result(out.to(q.dtype), lse, None, return_lse=return_lse,
+                         return_skipped=return_skipped)
+    from ..kernels.block_sparse import block_sparse_fwd
 
-        out, lse, stats = block_sparse_fwd(
-            q, k, v, layout.counts, layout.indices, layout.block_m, layout.block_n,
-            causal=causal, scale=scale, softmax_threshold=softmax_threshold,
-            return_lse=return_lse)
-        if stats is None:
-            skipped = torch.zeros((), dtype=torch.float32, device=q.device)
-        else:
-            totals = stats.sum(0, dtype=torch.int64).float()
-            skipped = totals[0] / totals[1].clamp(min=1.0)
+    out, lse, stats = block_sparse_fwd(
+        q, k, v, layout.counts, layout.indices, layout.block_m, layout.block_n,
+        causal=causal, scale=scale, softmax_threshold=softmax_threshold,
+        return_lse=return_lse)
+    return op_result(out, lse, stats, return_lse=return_lse, return_skipped=return_skipped)
+
+
+def op_result(out: torch.Tensor, lse, stats, *, return_lse: bool, return_skipped: bool):
+    """``out`` or ``(out, lse?, skipped?)``; ``skipped`` is the share of visited tiles the
+    threshold skipped, from the kernel's per-program ``stats [programs, 2]`` (0 without them),
+    a 0-dim device tensor (no host synchronisation)."""
+    if stats is None:
+        skipped = torch.zeros((), dtype=torch.float32, device=out.device)
+    else:
+        totals = stats.sum(0, dtype=torch.int64).float()
+        skipped = totals[0] / totals[1].clamp(min=1.0)
     extras = []
     if return_lse:
         extras.append(lse)
