@@ -172,6 +172,18 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
         s_tie_count = cnt;
       }
       __syncthreads();
+      if (s_tie_count == 1u && shift > 0) {
+        // one key left in the bin: it is the threshold; skip the remaining passes
+        const uint32_t fixed = s_prefix;
+        const uint32_t mask = 0xffffffffu << shift;
+        for (int i = tid; i < nkb; i += kThreads) {
+          uint32_t key = keys[i];
+          key = (key & kKeepBit) ? 0u : key;
+          if (key >= min_key && (key & mask) == fixed) s_prefix = key;
+        }
+        __syncthreads();
+        break;
+      }
     }
     threshold = s_prefix;
     const uint32_t rem = s_need;
