@@ -108,6 +108,18 @@ def test_select_indices_counts_and_ties(ext):
 
 
 @gpu
+def test_select_mass_with_ties(ext):
+    torch.manual_seed(1)
+    probs = (torch.rand(2, 4, 200, 200, device="cuda") * 8).floor() / 8
+    valid, keep = _window(200, 200, "cuda")
+    for mass in (0.3, 0.7, 0.95):
+        got = select_blocks(probs, valid=valid, keep=keep, mass=mass, backend="cuda")
+        ref = select_blocks(probs, valid=valid, keep=keep, mass=mass, backend="torch")
+        gap = (got.sum(-1) - ref.sum(-1)).abs()
+        assert int(gap.max()) <= 1 and float((gap > 0).float().mean()) < 0.002, mass
+
+
+@gpu
 def test_select_edge_rows(ext):
     """All-zero rows, rows with nothing valid, a forced set above the mass target."""
     probs = torch.zeros(4, 64, device="cuda")
