@@ -139,24 +139,28 @@ def _topk_fwd_kernel(
         tl.store(p_lse, lse, mask=m_row)
 
 
-# (BLOCK_N, num_warps, num_stages) per head dim for bf16/fp16 on an H100; checked for sm_90
-# with scripts/aot_check.py --kernel topk (no spills). The gathered loads go through cp.async.
+# (BLOCK_N, num_warps, num_stages) per head dim for bf16/fp16 on an H100, by tile rows (up to
+# 32 rows: mma.sync tiles; 64 and more: wgmma). Compiled for sm_90 with no spills
+# (.scratch/aot_topk.py, D=128 G=4: 16 rows 158 regs, 64 rows 254 regs / 4 warps, 128 rows
+# 252 regs / 8 warps; 128 rows on 4 warps spill). The gathered loads go through cp.async.
 _HOPPER_CONFIGS = {
-    64: (64, 4, 3),
-    128: (64, 4, 3),
-    256: (32, 4, 2),
+    # head dim: (config for <= 64 rows, config for >= 128 rows)
+    64: ((64, 4, 3), (64, 8, 3)),
+    128: ((64, 4, 3), (64, 8, 2)),
+    256: ((32, 4, 2), (32, 8, 2)),
 }
 
 
-def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a head dim and dtype."""
+def default_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                   rows: int = 16) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a head dim, dtype and tile rows."""
     padded = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda":
         return (32, 4, 1)
     if dtype == torch.float32:
-        return (32, 4, 2)
+        return (32, 4 if rows <= 64 else 8, 2)
     key = min(_HOPPER_CONFIGS, key=lambda d: abs(d - padded))
-    return _HOPPER_CONFIGS[key]
+    return _HOPPER_CONFIGS[key][rows >= 128]
 
 
 def default_tokens(group: int, merged: bool) -> int:
@@ -239,7 +243,8 @@ def topk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.T
         tokens = default_tokens(group, merged)
     # at least 16 rows: the smallest tensor-core tile
     tokens = max(tokens, triton.cdiv(16, g_pad))
-    block_n, num_warps, num_stages = config or default_config(head_dim, q.dtype, q.device)
+    block_n, num_warps, num_stages = config or default_config(head_dim, q.dtype, q.device,
+                                                              g_pad * tokens)
     num_m_tiles = triton.cdiv(seqlen_q, tokens)
     out = torch.empty((batch, hq, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
     lse = (torch.empty((batch, hq, seqlen_q), dtype=torch.float32, device=q.device)

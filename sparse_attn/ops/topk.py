@@ -128,7 +128,9 @@ def topk_indices(scores: torch.Tensor, k: int, *, causal: bool = False,
     Selection is ``torch.topk(..., sorted=False)`` (a radix select on the GPU: O(Sk) per row,
     no full sort of the Sk scores); the k winners come out unsorted, which the kernel accepts.
     Rows with fewer than ``k`` eligible keys (causal, or ``-inf`` scores) get ``-1`` padding,
-    moved to the end by a stable sort over the k winners only (O(k log k) per row).
+    moved to the end by a prefix sum over the k winners (O(k) per row). No host
+    synchronisation (CUDA-graph capturable). ``causal`` masks a copy of ``scores`` (O(Sq Sk)
+    memory): for long sequences score and select a chunk of query rows at a time (``q_offset``).
 
     Args:
         scores: ``[B, Hkv, Sq, Sk]`` float scores (an indexer's output; for a per-query-head
@@ -165,6 +167,9 @@ def topk_indices(scores: torch.Tensor, k: int, *, causal: bool = False,
     idx = idx.to(torch.int32)
     keep = vals > float("-inf")
     idx = torch.where(keep, idx, -1)
-    # -1 entries may sit anywhere among the unsorted winners: move them to the end
-    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)
-    return TopKLayout(torch.gather(idx, -1, order).contiguous())
+    # -1 entries may sit anywhere among the unsorted winners: scatter the kept ones to the
+    # front in their order (a prefix sum over the k winners, O(k) per row; no sort)
+    dst = torch.where(keep, keep.cumsum(-1) - 1, k)
+    out = torch.full((*idx.shape[:-1], k + 1), -1, dtype=torch.int32, device=idx.device)
+    out.scatter_(-1, dst, idx)  # dropped entries land in the spare last column
+    return TopKLayout(out[..., :k].contiguous())
