@@ -310,3 +310,18 @@ def test_gpu_cuda_graph_capture(merge):
 
 def test_no_cuda_here_is_fine():
     assert HAS_CUDA or DEVICE == "cpu"
+
+
+def test_merged_lists_cached_and_refreshed_on_change():
+    q, k, v = _qkv(1, 4, 1, 40, 40, 32, torch.float16, DEVICE)
+    layout = _random_layout(1, 1, 40, 40, 12, DEVICE)
+    sa.topk_attention(q, k, v, layout, merge=True, tokens=4, backend="triton")
+    first = layout._merged[4][1][0]
+    sa.topk_attention(q, k, v, layout, merge=True, tokens=4, backend="triton")
+    assert layout._merged[4][1][0] is first  # reused
+    layout.indices[0, 0, 5:] = torch.flip(layout.indices[0, 0, 5:], (0,))  # in place
+    _check(q, k, v, layout, True, merge=True, tokens=4)
+    assert layout._merged[4][1][0] is not first
+    with torch.inference_mode():
+        inf_layout = TopKLayout(layout.indices.clone())
+        sa.topk_attention(q, k, v, inf_layout, merge=True, tokens=4, backend="triton")

@@ -12,6 +12,15 @@ _OP = "topk_attention"
 __all__ = ["topk_attention", "topk_indices"]
 
 
+def _state(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's contents for caches: storage and in-place version (inference
+    tensors have no version counter: storage only)."""
+    try:
+        return (t.data_ptr(), t._version)
+    except RuntimeError:
+        return (t.data_ptr(), None)
+
+
 def _check_layout(layout, q, k, *, check_indices: bool | None) -> None:
     """Type, batch, heads, device and lengths of a TopKLayout; index values (range, trailing
     padding, no repeats) once per layout object, never under CUDA-graph capture."""
@@ -27,7 +36,7 @@ def _check_layout(layout, q, k, *, check_indices: bool | None) -> None:
         raise ValueError(f"{_OP}: layout on {layout.device} but q on {q.device}")
     sq, sk = q.shape[2], k.shape[2]
     capturing = q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    key = (sq, sk, layout.indices._version, layout.indices.data_ptr())
+    key = (sq, sk, *_state(layout.indices))
     if check_indices is None:
         check_indices = not capturing and getattr(layout, "_checked_for", None) != key
     layout.validate(sq, sk, check_indices=check_indices)
@@ -40,7 +49,7 @@ def _merged_lists(layout: TopKLayout, tokens: int):
     its indices change in place)."""
     from ..kernels.topk import merge_token_lists
 
-    key = (tokens, layout.indices._version, layout.indices.data_ptr())
+    key = (tokens, *_state(layout.indices))
     cached = layout._merged.get(tokens)
     if cached is None or cached[0] != key:
         cached = (key, merge_token_lists(layout.indices, tokens))
