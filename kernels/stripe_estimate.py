@@ -143,8 +143,10 @@ def _stripe_scan_kernel(
     for start in range(0, hi, BLOCK_K * KEY_STRIDE):
         offs_k = start + tl.arange(0, BLOCK_K) * KEY_STRIDE  # a strided sample when > 1
         b_k = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
-                      mask=(offs_k < hi)[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(b_qbar, tl.trans(b_k)) * scale - b_abar[:, None]  # [QB * GP, BLOCK_K]
+                      mask=(offs_k < hi)[:, None] & m_d[None, :], other=0.0)
+        # in K's dtype: bf16/fp16 tensor-core MMA (the pooled query rounds to it)
+        s = tl.dot(b_qbar.to(b_k.dtype), tl.trans(b_k)).to(tl.float32) * scale
+        s = s - b_abar[:, None]  # [QB * GP, BLOCK_K]
         diff = tl.max(tl.reshape(s, [QB, GP, BLOCK_K]), axis=1)  # the group's maximum
         kb = offs_k // BLOCK_N
         forced = (kb[None, :] < sink_blocks) | (
@@ -221,8 +223,9 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
     group = hq // hkv if per_kv_head else 1
     heads = hkv if per_kv_head else hq
     gp = triton.next_power_of_2(group)
-    qb = max(1, 16 // gp)  # tl.dot needs 16 rows
-    grid = (triton.cdiv(nqb, qb), batch * heads)
+    # pooled rows per program: 64 for the selection pass (a K tile read serves 64 rows), 16
+    # (tl.dot's minimum) for the search passes, whose [QB, BLOCK_K, NT] compare is larger
+    rows = {0: 16, 1: 64}
     counts = torch.empty(batch, heads, nqb, device=q.device, dtype=torch.int32)
     indices = torch.full((batch, heads, nqb, max_columns), -1, device=q.device,
                          dtype=torch.int32)
@@ -230,7 +233,8 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
 
     def scan(mode: int, thr=None, lows=None, sums=None, step=0.0, weighted=False):
         dummy = abar
-        _stripe_scan_kernel[grid](
+        qb = max(1, rows[mode] // gp)
+        _stripe_scan_kernel[(triton.cdiv(nqb, qb), batch * heads)](
             qbar, abar, k, dummy if thr is None else thr, dummy if lows is None else lows,
             dummy if sums is None else sums, counts, indices,
             k.stride(0), k.stride(1), k.stride(2), heads, hq, group, hq // hkv, sq, sk, nkb,
