@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import estimators
-from .layout import BlockLayout
+from .layout import BlockLayout, StripeLayout
 from .ops._validate import check_qkv, check_threshold
 from .ops.block_sparse import block_sparse_attention
+from .ops.stripe import stripe_attention
 from .reference.dense import dense_attention_ref
 
 __all__ = ["DEFAULT_MIN_SEQLEN", "SparseAttention", "sparse_attention"]
@@ -34,7 +35,8 @@ MODULE_OPTIONS = ("min_seqlen", "decode", "softmax_threshold", "backend", "recor
 _MAX_SDPA_MASK = 1 << 26
 
 # layout type -> the op that computes it (new layout families add their op here)
-_LAYOUT_OPS: dict[type, Callable] = {BlockLayout: block_sparse_attention}
+_LAYOUT_OPS: dict[type, Callable] = {BlockLayout: block_sparse_attention,
+                                     StripeLayout: stripe_attention}
 
 
 def _check_shapes(q, k, v, causal: bool, op: str) -> None:
