@@ -10,9 +10,9 @@ Order of attempts, once per process (``functools.cache``):
    turns it off, ``SPARSE_ATTN_CUDA=0`` turns the extension off altogether.
 
 Without CUDA one INFO line says why (a WARNING when a build or load fails), and every op runs
-through its Triton kernel or torch reference. The ops are ``torch.ops.sparse_attn.*`` with fake implementations
-registered here, so they trace under ``torch.compile``. Never import the extension at module
-top: call :func:`ops` (or :func:`available`) where it is needed.
+through its Triton kernel or torch reference. The ops are ``torch.ops.sparse_attn.*`` with fake
+implementations registered here, so they trace under ``torch.compile``. Never import the
+extension at module top: call :func:`ops` (or :func:`available`) where it is needed.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ EXTENSION_NAME = "sparse_attn_C"
 # key blocks per row the selection kernel keeps in shared memory (csrc/sparse_attn.h)
 SELECT_MAX_BLOCKS = 32768
 
-_state = {"state": "not loaded", "detail": ""}
+_state = {"state": "not loaded", "detail": ""}  # + "fakes" once the fake kernels exist
 
 
 def csrc_dir() -> Path | None:
@@ -84,13 +84,16 @@ def _load_jit() -> bool:
 
 
 def _register_fakes() -> None:
+    if _state.get("fakes"):
+        return
+    _state["fakes"] = "registered"
+
     @torch.library.register_fake("sparse_attn::select_blocks")
     def _(probs, valid, keep, count, mass):
         rows, nkb = probs.shape
         return (probs.new_empty((rows, nkb), dtype=torch.bool),
                 probs.new_empty((rows, nkb), dtype=torch.int32),
                 probs.new_empty((rows,), dtype=torch.int32))
-
 
     @torch.library.register_fake("sparse_attn::lowbit_block_scores")
     def _(q, k, q_scale, k_scale, row_pos, rows, block_n, seqlen_q, causal, scale, sink_blocks,
@@ -118,8 +121,8 @@ def ops():
             elif not loaded:
                 _set("unavailable", "no AOT build (sparse_attn._C) and SPARSE_ATTN_JIT=0")
         except Exception as exc:  # a failed build or load: fall back, never crash the caller
-            first = str(exc).strip().splitlines()
-            _set("failed", f"{type(exc).__name__}: {first[-1] if first else ''}"[:300])
+            lines = str(exc).strip().splitlines()  # a compiler's last line names the error
+            _set("failed", f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:300])
             loaded = False
         if loaded:
             _register_fakes()
@@ -140,7 +143,7 @@ def available() -> bool:
 def status() -> dict:
     """``{"state": ..., "detail": ...}`` without loading: state is ``"not loaded"``, ``"aot"``,
     ``"jit"``, ``"unavailable"``, ``"disabled"`` or ``"failed"``."""
-    return dict(_state)
+    return {"state": _state["state"], "detail": _state["detail"]}
 
 
 # ---- op wrappers: validation in Python, before any launch -----------------------------------
