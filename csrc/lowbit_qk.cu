@@ -126,7 +126,7 @@ struct Params {
 };
 
 template <int HEAD_DIM, int BLOCK_N>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 2)  // 2 CTAs (16 warps) per SM: <= 128 registers
 lowbit_block_scores_kernel(const Params p) {
   using T = Tile<HEAD_DIM, BLOCK_N>;
   extern __shared__ __align__(16) int8_t smem[];  // 2 K tiles
