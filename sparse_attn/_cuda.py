@@ -164,7 +164,8 @@ def lowbit_supported(q_rows: torch.Tensor, k: torch.Tensor, *, rows: int, block_
 def lowbit_block_scores(q_rows: torch.Tensor, k: torch.Tensor, row_pos: torch.Tensor, *,
                         rows: int, block_n: int, seqlen_q: int, causal: bool, scale: float,
                         q_scale: torch.Tensor, k_scale: torch.Tensor,
-                        window: tuple[int, int] | None = None) -> torch.Tensor:
+                        window: tuple[int, int] | None = None,
+                        rows_per_program: int | None = None) -> torch.Tensor:
     """int8 block scores on the tensor cores (csrc/lowbit_qk.cu): the CUDA backend of
     ``kernels/estimate.py: block_scores`` for int8 inputs (same arguments, same result up to
     float rounding; see ``sparse_attn.reference.estimate.block_scores_ref``).
@@ -183,6 +184,8 @@ def lowbit_block_scores(q_rows: torch.Tensor, k: torch.Tensor, row_pos: torch.Te
         q_scale: fp32 ``[B, Hs, NQB]``; k_scale: fp32 ``[B, Hkv, ceil(Sk / block_n)]``.
         window: ``(sink_blocks, local_blocks)``: normalise by the sink + local key blocks
             only (SALE's relative score), or None for the softmax over all reachable keys.
+        rows_per_program: accepted for call compatibility with the Triton ``block_scores``
+            and ignored (this kernel's tile is fixed: 8 warps x 16 rows).
 
     Returns:
         fp32 ``[B, Hs, NQB, ceil(Sk / block_n)]`` (0 on unreachable blocks).
