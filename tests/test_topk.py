@@ -199,6 +199,9 @@ def test_op_rejects_bad_input_before_launch():
         sa.topk_attention(q, k, v, TopKLayout(bad))
     with pytest.raises(ValueError, match="tokens"):
         sa.topk_attention(q, k, v, TopKLayout(idx), tokens=0)
+    q8, k1, v1 = _qkv(1, 8, 1, 10, 12, 32, torch.float16, "cpu")
+    with pytest.raises(ValueError, match="tile rows"):
+        sa.topk_attention(q8, k1, v1, TopKLayout(idx[:, :1]), tokens=32, backend="triton")
     with pytest.raises(TypeError, match="dtype"):
         sa.topk_attention(q.long(), k, v, TopKLayout(idx))
 

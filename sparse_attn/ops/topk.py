@@ -89,7 +89,8 @@ def topk_attention(
             lists (one gather serves every token that listed a key; pays off when neighbours'
             sets overlap). The union is computed on the device and cached on the layout.
             ``False``: each token's own list, row-masked.
-        tokens: query tokens per tile (tile rows = next_pow2(G) x tokens); default by mode.
+        tokens: query tokens per tile (tile rows = next_pow2(G) x tokens, at most 128);
+            default: 16 rows per-token, 64 rows merged (at most 32 tokens).
         check_indices: check the index values before launch (a host sync, once per layout;
             skipped automatically under CUDA-graph capture).
 
@@ -123,6 +124,10 @@ def topk_attention(
         # the launcher raises tokens to fill 16 rows; merge for the tokens it will use
         g_pad = 1 << (group - 1).bit_length()
         tokens = max(tokens, -(-16 // g_pad))
+        if g_pad * tokens > 128:
+            raise ValueError(
+                f"{_OP}: tokens={tokens} with a GQA group of {group} gives {g_pad * tokens} tile "
+                f"rows; at most 128 (tokens <= {max(1, 128 // g_pad)})")
         merged = _merged_lists(layout, tokens) if merge else None
         out, lse = topk_fwd(q, k, v, layout.indices, causal=causal, scale=scale,
                             return_lse=return_lse, tokens=tokens, merged=merge,
