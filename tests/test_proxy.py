@@ -89,10 +89,17 @@ def test_proxy_finds_planted_blocks():
 def test_proxy_per_head_budgets_follow_head_sparsity():
     # heads 0/2 are sharp (most mass on the planted blocks), heads 1/3 diffuse
     q, k = _planted(1, 4, 2, 512, sharp=[2.0, 0.0, 2.0, 0.0])
-    layout = estimators.get("proxy", mass=0.9, block_m=64, block_n=64).estimate(q, k)
-    dens = layout.density(512, 512, per_head=True)[0]
-    assert dens[0] < dens[1] and dens[2] < dens[3], dens
-    assert attention_recall(q, k, layout).mean() > 0.8
+    for budget in ("head", "max"):
+        layout = estimators.get("proxy", mass=0.9, block_m=64, block_n=64,
+                                budget=budget).estimate(q, k)
+        dens = layout.density(512, 512, per_head=True)[0]
+        assert dens[0] < dens[1] and dens[2] < dens[3], (budget, dens)
+        assert attention_recall(q, k, layout).mean() > 0.8
+    # "proxy": one count per proxy head (shared by its query heads)
+    layout = estimators.get("proxy", mass=0.9, block_m=64, block_n=64,
+                            budget="proxy").estimate(q, k)
+    assert torch.equal(layout.counts[:, 0], layout.counts[:, 1])
+    assert torch.equal(layout.counts[:, 2], layout.counts[:, 3])
 
 
 def test_proxy_density_budget_and_gqa_reduce():
@@ -142,6 +149,7 @@ def test_proxy_with_softmax_threshold_keyword():
     (dict(top_k=0), "top_k"),
     (dict(gqa_reduce="sum"), "gqa_reduce"),
     (dict(block_m=32), "block_m"),
+    (dict(budget="min"), "budget must be one of"),
 ])
 def test_proxy_bad_config(config, match):
     with pytest.raises(ValueError, match=match):
