@@ -45,7 +45,9 @@ class LowBit(BudgetEstimator):
         top_k: or keep this many key blocks per query block (forced ones included).
         gqa_reduce: ``"max"`` (default) or ``"mean"`` for a per-KV-head layout, ``"none"`` for
             a per-query-head layout.
-        rows: sampled query rows per query block (a power of two dividing ``block_m``).
+        rows: sampled query rows per query block (a power of two dividing ``block_m``;
+            ``rows=block_m`` scores every row: SALE's full estimate, ``block_m / rows`` x the
+            work of the default).
         bits: quantization width; only 8 here (4 needs the CUDA int4 path).
 
     Returns (from ``estimate``):
