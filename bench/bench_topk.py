@@ -41,7 +41,8 @@ COLUMNS = [
 ]
 TUNE_COLUMNS = [
     ("seqlen", "S", None), ("topk", "K", None), ("pattern", "pattern", None),
-    ("merged", "merged", None), ("tokens", "T", None), ("block_n", "BN", None),
+    ("merged", "merged", None), ("tokens", "T", None), ("rows", "M", None),
+    ("config", "config", None), ("block_n", "BN", None),
     ("warps", "warps", None), ("stages", "stages", None), ("ms", "ms", ".4g"),
     ("note", "note", None),
 ]
@@ -338,24 +339,30 @@ def pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget):
 
 def tune_rows(args, budget, timing):
     """Tile rows and configs of the top-k kernel at a mid size (block and window patterns)."""
-    from sparse_attn.kernels.topk import merge_token_lists, topk_fwd
+    import triton
+
+    from sparse_attn.kernels.topk import default_config, merge_token_lists, topk_fwd
 
     s, keys = args.tune_seqlen, args.tune_topk
     sub = argparse.Namespace(**{**vars(args), "seqlen": s})
     q, k, v = random_qkv(sub, s, args.head_dim, args.device, args.seed)
     scale = args.head_dim ** -0.5
-    variants = [(False, t, None) for t in (4, 16)] + [(True, t, None) for t in (4, 8, 16, 32)]
-    variants += [(m, t, c) for m, t in ((False, 4), (True, 16))
-                 for c in ((32, 4, 3), (64, 8, 3), (64, 4, 2), (128, 8, 2), (32, 8, 4))]
-    variants += [(True, 32, c) for c in ((32, 8, 3), (64, 8, 3), (128, 8, 2))]
+    # (merged, tokens, config or None for the default); each distinct one compiles once
+    variants = [(False, 4, None), (False, 16, None), (True, 8, None), (True, 16, None),
+                (True, 32, None)]
+    variants += [(True, 16, c) for c in ((32, 4, 3), (64, 8, 3), (64, 4, 2))]
+    variants += [(True, 32, c) for c in ((32, 8, 3), (128, 8, 2))]
+    variants += [(False, 4, c) for c in ((32, 4, 3), (64, 4, 2))]
     rows = []
     for pattern in ("block", "window"):
         _, layout = make_pattern(sub, pattern, keys, args.device)
         merged = {}
         for is_merged, t, cfg in variants:
             r = {**base_row(args, "tune", s, keys, pattern), "merged": is_merged, "tokens": t}
-            if cfg is not None:
-                r.update(block_n=cfg[0], warps=cfg[1], stages=cfg[2])
+            rows_m = triton.next_power_of_2(args.heads // args.kv_heads) * t
+            c = cfg or default_config(args.head_dim, q.dtype, q.device, rows_m)
+            r.update(block_n=c[0], warps=c[1], stages=c[2], rows=rows_m,
+                     config="default" if cfg is None else "sweep")
             if budget.spent():
                 rows.append({**r, "note": "skipped: time budget spent"})
                 continue
@@ -396,7 +403,8 @@ def select_rows(args, timing):
 
 def add_ratios(rows):
     """x block: ms / block_sparse ms of the same K (any pattern); x cuDNN: ms / dense cuDNN."""
-    block = {r["topk"]: r["ms"] for r in rows if r.get("provider") == "block_sparse" and r.get("ms")}
+    block = {r["topk"]: r["ms"] for r in rows
+             if r.get("provider") == "block_sparse" and r.get("ms")}
     cudnn = next((r["ms"] for r in rows if r.get("provider") == "sdpa_cudnn" and r.get("ms")), None)
     for r in rows:
         if r.get("ms") and r.get("section") == "main":

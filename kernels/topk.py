@@ -171,8 +171,8 @@ def default_tokens(group: int, merged: bool) -> int:
     return min(32, max(1, (64 if merged else 16) // g_pad))
 
 
-def merge_token_lists(indices: torch.Tensor, tokens: int,
-                      chunk_elems: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_token_lists(indices: torch.Tensor, tokens: int, chunk_elems: int = 1 << 26
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sorted union of the key lists of each run of ``tokens`` consecutive query tokens.
 
     Args:

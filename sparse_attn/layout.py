@@ -911,8 +911,9 @@ class TopKLayout:
         if seqlen_k is None:
             seqlen_k = seqlen_q
         self.validate(seqlen_q, seqlen_k, check_indices=False)
-        idx = self.indices.long()
-        pos = torch.arange(seqlen_q, device=self.device) + (seqlen_k - seqlen_q)
+        idx = self.indices  # int32 comparisons: no int64 copy of a 128k x K layout
+        pos = (torch.arange(seqlen_q, device=self.device, dtype=torch.int32)
+               + (seqlen_k - seqlen_q))
         used = idx >= 0
         if causal:
             used &= idx <= pos[:, None]

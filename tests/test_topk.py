@@ -31,7 +31,8 @@ def _random_layout(b, hkv, sq, sk, topk, device, *, causal=True, local=0, seed=1
     scores = torch.randn(b, hkv, sq, sk, generator=g)
     if local:
         pos = torch.arange(sq)[:, None] + (sk - sq)
-        scores += 4.0 * ((torch.arange(sk)[None, :] <= pos) & (torch.arange(sk)[None, :] > pos - local))
+        cols = torch.arange(sk)[None, :]
+        scores += 4.0 * ((cols <= pos) & (cols > pos - local))
     return sa.topk_indices(scores.to(device), min(topk, sk), causal=causal)
 
 
