@@ -427,14 +427,15 @@ def plot(rows, path):
     dense = {r["provider"]: r["ms"] for r in rows if r.get("section") == "dense" and r.get("ms")}
     for ax, kk in zip(axes.flat, keys):
         sel = [r for r in main if r["topk"] == kk]
-        labels = [f"{r['pattern']}\n{r['provider']}" for r in sel]
+        labels = [f"{r['pattern']}\n{r['provider']}"
+                  + (f" T={r['tokens']}" if r.get("tokens") else "") for r in sel]
         colors = ["tab:red" if r["provider"].startswith("topk") else
                   "tab:gray" if r["provider"] == "merge" else "tab:blue" for r in sel]
         ax.bar(range(len(sel)), [r["ms"] for r in sel], color=colors)
         ax.set_xticks(range(len(sel)), labels, rotation=70, fontsize=7)
         for (name, ms), ls in zip(dense.items(), ("--", ":", "-.")):
             ax.axhline(ms, ls=ls, color="k", lw=0.8, label=f"{name} dense {ms:.0f} ms")
-        ax.set(yscale="log", ylabel="ms", title=f"S={rows[0]['seqlen'] // 1024}k, K={kk}")
+        ax.set(yscale="log", ylabel="ms", title=f"S={sel[0]['seqlen']}, K={kk}")
         ax.legend(fontsize=7)
     fig.suptitle(f"topk_attention (B={main[0]['batch']}, H={main[0]['heads']}/"
                  f"{main[0]['kv_heads']}, D={main[0]['head_dim']}, {main[0]['dtype']}, causal)")
