@@ -7,12 +7,17 @@ block estimators (``mass``, ``density``, ``top_k``), the GQA grouping (``"max"``
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from .select import BudgetEstimator, _is_int
 
 BACKENDS = ("auto", "triton", "torch")
+# default cap on the gathered columns per query block under a mass / theta budget (a static
+# width: col_indices is B * H * NQB * width int32, 1 GiB at 128k with 8 heads and 64-row blocks)
+DEFAULT_MAX_COLUMNS = 16384
+_COUNT_SLACK = 8
 STRIPE_GQA_REDUCE = ("max", "none")
 
 
@@ -28,8 +33,9 @@ class StripeEstimator(BudgetEstimator):
         gqa_reduce: ``"max"`` (one per-KV-head layout; a key is kept when any head of the group
             keeps it) or ``"none"`` (per query head).
         max_columns: width of ``col_indices``: at most this many gathered columns per query
-            block (the first ones by position when more are selected); ``None`` = ``seqlen_k``
-            (``col_indices`` is ``B * H * NQB * max_columns`` int32: set it for long inputs).
+            block (the first ones by position when more are selected). ``None``: what the
+            budget can use (``top_k``, ``density * seqlen_k``) or, for ``mass`` / ``theta``,
+            ``min(seqlen_k, DEFAULT_MAX_COLUMNS)`` (16384).
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
     """
 
@@ -58,6 +64,20 @@ class StripeEstimator(BudgetEstimator):
         if self.backend == "auto":
             return q.is_cuda
         return self.backend == "triton"
+
+    def _column_width(self, seqlen_k: int) -> int:
+        """Static width of ``col_indices`` for this budget and key length."""
+        cap = DEFAULT_MAX_COLUMNS if self.max_columns is None else self.max_columns
+        need = None
+        if self.top_k is not None:
+            need = self.top_k
+        elif self.density is not None:
+            need = math.ceil(self.density * seqlen_k)
+        if need is not None:
+            # + slack: the device search may keep a column or two past an exact count budget
+            need += _COUNT_SLACK
+            cap = min(cap, need) if self.max_columns is not None else need
+        return max(1, min(seqlen_k, cap))
 
     def _out_heads(self, q: torch.Tensor, k: torch.Tensor) -> int:
         return k.shape[1] if self.gqa_reduce == "max" else q.shape[1]

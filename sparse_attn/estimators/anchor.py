@@ -144,8 +144,8 @@ class Anchor(StripeEstimator):
             included), in ``(0, 1]``.
         top_k: or keep this many columns per query block beyond the dense blocks (>= 1).
         max_columns: at most this many columns per query block (the first ones by position
-            when more are selected); default ``None`` = ``seqlen_k``. Set it for very long
-            sequences (``col_indices`` is ``B * H * NQB * max_columns`` int32).
+            when more are selected); default ``None``: ``top_k``, ``density * seqlen_k`` or,
+            for ``mass`` / ``theta``, ``min(seqlen_k, 16384)``.
         gqa_reduce: ``"max"`` (default, per-KV-head layout: a column kept for any head of the
             group) or ``"none"`` (per query head).
         backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
@@ -185,7 +185,7 @@ class Anchor(StripeEstimator):
         self._window(1, 1, sq, sk, causal, q.device)  # raises if the window does not fit
         dense = dense_block_mask(sq, sk, self.block_m, self.block_n, self.sink_blocks,
                                  self.local_blocks, causal, q.device)
-        width = sk if self.max_columns is None else min(sk, self.max_columns)
+        width = self._column_width(sk)
         if self._use_triton(q):
             from ..kernels.stripe_estimate import anchor_stripes
             counts, indices = anchor_stripes(

@@ -165,13 +165,10 @@ class VerticalSlash(StripeEstimator):
         self._window(1, 1, q.shape[2], k.shape[2], causal, q.device)  # raises if it cannot fit
         sk = k.shape[2]
         vertical, slash = self.lines(q, k, causal=causal)
-        width = sk if self.max_columns is None else min(sk, self.max_columns)
-        n_lines = sk  # a static bound on the kept verticals
+        width = self._column_width(sk)
         forced_keys = min(sk, self.sink_blocks * self.block_n)
-        if self.top_k is not None:
-            n_lines = min(sk, self.top_k + forced_keys)
-        elif self.density is not None:
-            n_lines = min(sk, max(1, round(self.density * sk)) + forced_keys)
+        if self.top_k is not None or self.density is not None:
+            width = min(sk, width + forced_keys)  # the forced verticals come on top
         return StripeLayout.from_vertical_slash(
-            _compact(vertical, min(width, n_lines)), _compact(slash, sk), q.shape[2], sk,
-            block_m=self.block_m, block_n=self.block_n, max_columns=min(width, n_lines))
+            _compact(vertical, width), _compact(slash, sk), q.shape[2], sk,
+            block_m=self.block_m, block_n=self.block_n, max_columns=width)
