@@ -8,7 +8,7 @@ from sparse_attn.kernels.topk import merge_token_lists
 from sparse_attn.layout import TopKLayout
 from sparse_attn.reference.dense import attention_ref
 
-from conftest import DEVICE, HAS_CUDA, assert_matches_reference
+from conftest import DEVICE, assert_matches_reference
 
 
 def _qkv(b, hq, hkv, sq, sk, d, dtype, device, *, bshd=False, seed=0):
@@ -248,7 +248,6 @@ def test_topk_indices_bad_input():
 
 
 def test_merge_token_lists():
-    g = torch.Generator().manual_seed(2)
     sq, sk, kk, tokens = 11, 30, 6, 4
     layout = _random_layout(1, 2, sq, sk, kk, "cpu", local=4)
     union, owners, counts = merge_token_lists(layout.indices, tokens, chunk_elems=64)
@@ -264,7 +263,6 @@ def test_merge_token_lists():
                 bits = int(owners[0, h, tile, j])
                 for r, t in enumerate(rows):
                     assert bool(bits >> r & 1) == bool(mask[0, h, t, key])
-    del g
 
 
 # ------------------------------------------------------------------------------- GPU
@@ -310,10 +308,6 @@ def test_gpu_cuda_graph_capture(merge):
     graph2.replay()
     torch.cuda.synchronize()
     assert torch.equal(lay2.to_mask(2048, 2048), layout.to_mask(2048, 2048))
-
-
-def test_no_cuda_here_is_fine():
-    assert HAS_CUDA or DEVICE == "cpu"
 
 
 def test_merged_lists_cached_and_refreshed_on_change():
