@@ -37,7 +37,7 @@ STEM = "bench_stripe"
 PROVIDERS = ("sdpa_flash", "sdpa_cudnn", "flex", "ours", "block_sparse")
 COLUMNS = [
     ("section", "section", None), ("seqlen", "S", None), ("pattern", "pattern", None),
-    ("provider", "provider", None), ("density", "density", ".4f"), ("ms", "ms", ".4g"),
+    ("provider", "provider", None), ("config", "config", None), ("density", "density", ".4f"), ("ms", "ms", ".4g"),
     ("p20", "p20", ".4g"), ("p80", "p80", ".4g"), ("tflops", "TFLOP/s", ".0f"),
     ("vs_block", "ours/this", ".2f"), ("vs_flash", "x flash", ".2f"),
     ("vs_cudnn", "x cuDNN", ".2f"), ("maxdiff", "max|ours-flex|", ".2e"),
@@ -56,6 +56,12 @@ def parse_args(argv=None):
     ap.add_argument("--window", type=int, default=1024, help="(b) local window (slashes)")
     add_shape_args(ap)
     ap.set_defaults(block=64)
+    ap.add_argument("--tune-configs",
+                    default="128/64/64/8/2/2,128/64/64/8/2/3,128/64/64/8/3/2,64/64/64/4/2/2,"
+                            "128/64/128/8/2/2",
+                    help="last, if the budget allows: stripe-kernel configs BLOCK_M/BLOCK_N/"
+                         "BLOCK_NS/warps/stages/gather stages timed at (a) with the largest N "
+                         "and the first seqlen ('' to skip)")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--sdpa-gqa", choices=("auto", "native", "expand"), default="auto")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
@@ -74,6 +80,8 @@ def parse_args(argv=None):
     args.stripe_counts = parse_list(args.stripe_counts, int)
     args.verticals = parse_list(args.verticals, int)
     args.providers = parse_list(args.providers, str)
+    args.tune_configs = [tuple(int(x) for x in c.split("/"))
+                         for c in parse_list(args.tune_configs, str)]
     args.per_query_head = False  # base_row / dense_rows read it
     if args.dry_run:
         args.device = "cpu"
@@ -236,6 +244,42 @@ def run_pair(args, q, k, v, row, stripe, blocks: dict, flex_fn=None):
     return rows
 
 
+def tune_rows(args, budget) -> list[dict]:
+    """The stripe kernel at each of --tune-configs on (a)'s largest N, first seqlen."""
+    from sparse_attn.kernels.stripe import default_config, stripe_fwd
+
+    s, d, n = args.seqlens[0], args.head_dim, max(args.stripe_counts)
+    base = {**base_row(args, "tune", s, d), "pattern": f"N={n} positions/qblock"}
+    if args.dry_run or not args.tune_configs:
+        return []
+    qkv, note = guarded(random_qkv, args, s, d, args.device, args.seed)
+    if note:
+        return [{**base, "provider": "-", "note": f"inputs: {note}"}]
+    q, k, v = qkv
+    stripe, _ = gather_layouts(args.batch, args.kv_heads, s, n, args.block, args.device,
+                               args.seed + n)
+    stripe.validate(s, s)
+    default = default_config(d, q.dtype, q.device)
+    rows = []
+    for cfg in args.tune_configs:
+        row = {**base, "provider": "ours", "config": "/".join(map(str, cfg)),
+               "density": stripe.density(s, s, causal=True)}
+        if budget.spent():
+            rows.append({**row, "note": "skipped: time budget spent"})
+            continue
+        def fn(cfg=cfg):
+            return stripe_fwd(q, k, v, stripe, causal=True, scale=d ** -0.5,
+                              softmax_threshold=None, return_lse=False, config=cfg)[0]
+        t = _time(args, fn)
+        rows.append({**row, **t, "note": ("default; " if cfg == default else "")
+                     + (t.get("note") or "")})
+        print(f"  tune {row['config']}: " + (f"{t['ms']:.4g} ms" if t.get("ms") else t["note"]),
+              flush=True)
+    del q, k, v, qkv, stripe
+    free_cuda()
+    return rows
+
+
 def add_speedups(rows):
     dense = {(r["seqlen"], r["provider"]): r["ms"] for r in rows
              if r["provider"] in ("sdpa_flash", "sdpa_cudnn") and r.get("ms")}
@@ -343,6 +387,7 @@ def main(argv=None):
             free_cuda()
             add_speedups(rows)
             write_results(rows, args.out, STEM, meta=meta)
+        rows.extend(tune_rows(args, budget))
     finally:
         add_speedups(rows)
         paths = write_results(rows, args.out, STEM, meta=meta)
