@@ -222,16 +222,50 @@ def test_gpu_bf16_large_matches_torch(budget):
     assert (a ^ c).float().sum() <= 0.02 * max(1.0, a.float().sum().item()) + 16
 
 
-@pytest.mark.gpu
-def test_gpu_graph_capture():
-    q, k = _qk(1, 8, 2, 2048, 2048, d=128, dtype=torch.bfloat16, device="cuda")
-    est = _est(mass=0.95, max_columns=512)
-    est.estimate(q, k)  # compile
+def check_stripe_sync_free_and_capturable(est, q, k):
+    """``est.estimate(q, k)`` on CUDA: no host sync, and a CUDA graph replays the same
+    StripeLayout. Returns the eager layout (shared with test_vertical_slash)."""
+    ref = est.estimate(q, k)
     torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layout = est.estimate(q, k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(layout.col_counts, ref.col_counts)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        est.estimate(q, k)  # warm-up on a side stream
+    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        layout = est.estimate(q, k)
+        captured = est.estimate(q, k)
     graph.replay()
     torch.cuda.synchronize()
-    ref = est.estimate(q, k)
-    assert torch.equal(layout.col_counts, ref.col_counts)
+    for name in ("col_counts", "col_indices"):
+        assert torch.equal(getattr(captured, name), getattr(ref, name))
+    assert torch.equal(captured.blocks.indices, ref.blocks.indices)
+    return ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [dict(theta=3.0), dict(mass=0.95), dict(density=0.1),
+                                    dict(top_k=64, gqa_reduce="none")],
+                         ids=["theta", "mass", "density", "topk-qhead"])
+def test_gpu_no_sync_graph_capture(budget):
+    q, k = _qk(1, 8, 2, 8192, 8192, d=128, dtype=torch.bfloat16, device="cuda")
+    check_stripe_sync_free_and_capturable(_est(**budget), q, k)
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_attention_end_to_end():
+    import sparse_attn
+
+    q, k = _planted(1, 8, 2, 4096, d=128)
+    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    v = torch.randn_like(k)
+    out, layout = sparse_attn.sparse_attention(q, k, v, "anchor", min_seqlen=0,
+                                               return_layout=True, mass=0.95)
+    layout.validate(4096, 4096)
+    assert out.shape == q.shape and torch.isfinite(out).all()

@@ -156,15 +156,10 @@ def test_window_larger_than_sequence():
 
 
 @pytest.mark.gpu
-def test_gpu_graph_capture():
+@pytest.mark.parametrize("cfg", [dict(mass=0.95), dict(top_k=500), dict(density=0.05)],
+                         ids=["mass", "topk", "density"])
+def test_gpu_no_sync_graph_capture(cfg):
+    from test_anchor import check_stripe_sync_free_and_capturable
+
     q, k = _qk(1, 8, 2, 8192, 8192, d=128, dtype=torch.bfloat16, device="cuda")
-    est = _est(mass=0.95, max_columns=2048)
-    est.estimate(q, k)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        layout = est.estimate(q, k)
-    graph.replay()
-    torch.cuda.synchronize()
-    ref = est.estimate(q, k)
-    assert torch.equal(layout.col_counts, ref.col_counts)
+    check_stripe_sync_free_and_capturable(_est(**cfg), q, k)

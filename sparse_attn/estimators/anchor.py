@@ -80,7 +80,6 @@ def anchor_pool(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: int,
     nqb = -(-sq // block_m)
     dense = dense_block_mask(sq, sk, block_m, block_n, sink_blocks, local_blocks, causal,
                              q.device)
-    last = last_rows(sq, sk, block_m, q.device)
     offset = sk - sq
     sink_end = min(sk, sink_blocks * block_n)
     kf = k.float()
@@ -89,8 +88,10 @@ def anchor_pool(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: int,
     for m0 in range(0, nqb, step):
         m1 = min(nqb, m0 + step)
         r0, r1 = m0 * block_m, min(sq, m1 * block_m)
-        lo = max(0, (int(last[m0]) // block_n - local_blocks + 1) * block_n)
-        hi = min(sk, (int(last[m1 - 1]) // block_n + 1) * block_n)
+        last0 = min(m0 * block_m + block_m - 1, sq - 1) + offset  # host ints: no sync
+        last1 = min(m1 * block_m - 1, sq - 1) + offset
+        lo = max(0, (last0 // block_n - local_blocks + 1) * block_n)
+        hi = min(sk, (last1 // block_n + 1) * block_n)
         cols = torch.cat([torch.arange(0, min(sink_end, lo), device=q.device),
                           torch.arange(lo, hi, device=q.device)])
         qc = q[:, :, r0:r1].float().unflatten(1, (hkv, hq // hkv))
