@@ -79,8 +79,13 @@ def _stripe_fwd_kernel(
 
 
 # Per padded head dim: (BLOCK_M rows, BLOCK_N dense key tile, BLOCK_NS gathered positions,
-# warps, dense pipeline stages, gather pipeline stages). Chosen from sm_90 AOT compiles
-# (.scratch notes in the final report: no spills, shared memory under 227 KB).
+# warps, dense pipeline stages, gather pipeline stages). Chosen from sm_90 AOT compiles (bf16,
+# GQA 4 packed, 64 x 64 layout tiles, TMA for the dense part), not yet from GPU timings
+# (bench/bench_stripe.py --tune-configs sweeps alternatives):
+#   d=64:  42 KB shared, 187 registers, no spills
+#   d=128: 99 KB shared, 211 registers, no spills (4 warps spill 376 B: the gathered tile and
+#          its addresses need the registers of 8)
+#   d=256: 131 KB shared, 244 registers, no spills (BLOCK_N 64 spills 8 B with BLASST)
 _HOPPER_CONFIGS = {
     64: (64, 64, 64, 4, 2, 3),
     128: (128, 64, 64, 8, 2, 2),
