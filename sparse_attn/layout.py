@@ -399,6 +399,12 @@ def _rows_per_chunk(row_elems: int, budget: int = 1 << 26) -> int:
     return max(1, budget // max(1, row_elems))
 
 
+def _from_blocks(name: str) -> property:
+    """A read-only property forwarded to the layout's ``blocks``."""
+    return property(lambda self: getattr(self.blocks, name),
+                    doc=f"``blocks.{name}`` (see :class:`BlockLayout`).")
+
+
 @dataclass
 class StripeLayout:
     """Dense key blocks plus gathered key positions ("stripes") for each (batch, head, query block).
@@ -461,38 +467,19 @@ class StripeLayout:
                 f"col_counts {self.col_counts.device}, col_indices {self.col_indices.device}")
 
     # ----------------------------------------------------------------------------- shape
-    @property
-    def batch(self) -> int:
-        return self.blocks.batch
-
-    @property
-    def num_heads(self) -> int:
-        return self.blocks.num_heads
-
-    @property
-    def num_q_blocks(self) -> int:
-        return self.blocks.num_q_blocks
-
-    @property
-    def block_m(self) -> int:
-        return self.blocks.block_m
-
-    @property
-    def block_n(self) -> int:
-        return self.blocks.block_n
-
-    @property
-    def num_k_blocks(self) -> int:
-        return self.blocks.num_k_blocks
+    # batch, num_heads, num_q_blocks, block_m, block_n, num_k_blocks, device: those of blocks
+    batch = _from_blocks("batch")
+    num_heads = _from_blocks("num_heads")
+    num_q_blocks = _from_blocks("num_q_blocks")
+    block_m = _from_blocks("block_m")
+    block_n = _from_blocks("block_n")
+    num_k_blocks = _from_blocks("num_k_blocks")
+    device = _from_blocks("device")
 
     @property
     def max_columns(self) -> int:
         """Padded width ``MAXC`` of ``col_indices``."""
         return self.col_indices.shape[3]
-
-    @property
-    def device(self) -> torch.device:
-        return self.blocks.device
 
     def to(self, device) -> "StripeLayout":
         return StripeLayout(self.blocks.to(device), self.col_counts.to(device),
