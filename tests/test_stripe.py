@@ -94,6 +94,21 @@ def test_from_vertical_slash_covers_lines(sq, sk, bm, bn):
     assert torch.equal(again.to_token_mask(sq, sk, causal=True), tok)
 
 
+def test_builders_chunked_like_unchunked(monkeypatch):
+    import sparse_attn.layout as layout_module
+
+    g = torch.Generator().manual_seed(4)
+    v = torch.randint(-1, 150, (2, 2, 9), generator=g)
+    s = torch.randint(0, 150, (2, 2, 4), generator=g)
+    whole = StripeLayout.from_vertical_slash(v, s, 130, 150, block_m=32, block_n=16)
+    masks = whole.to_mask(150)
+    monkeypatch.setattr(layout_module, "_rows_per_chunk", lambda row_elems: 1)
+    chunked = StripeLayout.from_vertical_slash(v, s, 130, 150, block_m=32, block_n=16)
+    again = StripeLayout.from_mask(*masks, 32, 16)
+    for lay in (chunked, again):
+        assert torch.equal(lay.to_token_mask(130, 150), whole.to_token_mask(130, 150))
+
+
 def test_from_vertical_slash_static_width_and_dedup():
     v = torch.tensor([[[5, 5, 40, -1, 3]]])
     s = torch.tensor([[[0, 0]]])
