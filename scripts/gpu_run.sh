@@ -19,7 +19,7 @@
 #                stage, not the run); tuner and benchmark get a budget 40/60 s shorter, skip
 #                what does not fit and still write their results
 #   BENCHES      kernel-family benchmarks of the bench stage, each bench/bench_<name>.py
-#                (default "block_sparse stripe topk decode estimate"; missing ones are skipped);
+#                (default "block_sparse stripe topk decode estimate select lowbit_qk"; missing ones are skipped);
 #                each gets --out, --budget-s and --quick
 #   TESTS        test files or folders for the tests stage (default tests/)
 #   PYTEST_ARGS, TUNE_ARGS, BENCH_ARGS: extra arguments (BENCH_ARGS go to every benchmark)
@@ -37,7 +37,7 @@ QUICK_FLAG=$([[ ${QUICK:-0} == 1 ]] && echo --quick || true)
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-180}
 TUNE_TIMEOUT=${TUNE_TIMEOUT:-240}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-330}
-BENCHES=${BENCHES:-block_sparse stripe topk decode estimate}
+BENCHES=${BENCHES:-block_sparse stripe topk decode estimate select lowbit_qk}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 cd "$(dirname "$0")/.."
