@@ -44,7 +44,7 @@ POINTS: dict[str, list[dict]] = {
     "threshold": [{"threshold": x} for x in (0.01, 0.05)],
 }
 # at these densities the equal-density comparison interpolates every method's curve
-EQUAL_DENSITIES = (0.1, 0.2, 0.3)
+EQUAL_DENSITIES = (0.2, 0.3, 0.4, 0.5)
 ROW_CHUNK_BYTES = 256 * 2**20
 
 _RECORDED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -359,6 +359,43 @@ def draw(summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def report(summary, at_mass, equal, notes, title: str) -> None:
+    """Print the three tables and the skipped points."""
+    print_table(summary, ["method", "budget", ("density", "density", ".3f"),
+                          ("recall", "recall", ".4f"), ("min_recall", "min recall", ".3f"),
+                          ("rel_l2", "rel L2", ".4f"), ("estimate_s", "estimate (s)", ".3f")],
+                title=title)
+    print_table(at_mass, ["method", ("density", "density", ".3f"), ("recall", "recall", ".4f"),
+                          ("oracle_density", "oracle density", ".3f"),
+                          ("x_oracle", "x oracle", ".2f"), "within_1.5x"],
+                title="\nmass=0.95 (target: density <= 1.5x the oracle's):")
+    print_table(equal, ["method", *[(f"recall@{d:g}", f"recall @ density {d:g}", ".4f")
+                                    for d in EQUAL_DENSITIES]],
+                title="\nrecall at equal density (interpolated between budget points):")
+    for key, note in notes.items():
+        print(f"skipped {key}: {note}")
+
+
+def resummarize(path: Path) -> None:
+    """Recompute the summary sections, tables and plot of an accuracy.json from its rows."""
+    import json
+
+    data = json.loads(path.read_text())
+    rows, meta = data["rows"], data["meta"]
+    summary = summarize(rows)
+    at_mass, equal = comparisons(summary)
+    meta["resummarized"] = " ".join(sys.argv)
+    write_results(rows, path.parent, path.stem, meta=meta, csv_files=False,
+                  sections={"summary": summary, "at_mass_0.95": at_mass,
+                            "equal_density": equal})
+    layers = sorted({r["layer"] for r in rows})
+    draw(summary, path.parent / f"{path.stem}.png",
+         f"SmolLM2-135M, {meta.get('seqlen')} tokens of text, {len(layers)} layers {layers}, "
+         f"{meta.get('device')}, 64x64 tiles")
+    report(summary, at_mass, equal, meta.get("notes", {}),
+           f"\nmean over layers {layers} x heads, {meta.get('seqlen')} tokens:")
+
+
 def default_methods() -> list[str]:
     from sparse_attn import estimators
 
@@ -372,8 +409,13 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="all", help="estimator names (default: every one)")
     ap.add_argument("--device", default="cpu", help="cpu (fp32, default) or cuda (bf16 model)")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--resummarize", default=None, metavar="JSON",
+                    help="only recompute the summaries, tables and plot of an accuracy.json")
     args = ap.parse_args(argv)
     exit_on_sigterm()
+    if args.resummarize:
+        resummarize(Path(args.resummarize))
+        return
     torch.manual_seed(0)
 
     from niah import load_model  # the demo's SmolLM2 loader
@@ -419,19 +461,8 @@ def main(argv=None) -> None:
         draw(summary, out / "accuracy.png",
              f"SmolLM2-135M, {args.seqlen} tokens of text, {len(done)} layers {done}, "
              f"{dev.type}, 64x64 tiles")
-    print_table(summary, ["method", "budget", ("density", "density", ".3f"),
-                          ("recall", "recall", ".4f"), ("min_recall", "min recall", ".3f"),
-                          ("rel_l2", "rel L2", ".4f"), ("estimate_s", "estimate (s)", ".3f")],
-                title=f"\nmean over layers {layers} x heads, {args.seqlen} tokens:")
-    print_table(at_mass, ["method", ("density", "density", ".3f"), ("recall", "recall", ".4f"),
-                          ("oracle_density", "oracle density", ".3f"),
-                          ("x_oracle", "x oracle", ".2f"), "within_1.5x"],
-                title="\nmass=0.95 (target: density <= 1.5x the oracle's):")
-    print_table(equal, ["method", *[(f"recall@{d:g}", f"recall @ density {d:g}", ".4f")
-                                    for d in EQUAL_DENSITIES]],
-                title="\nrecall at equal density (interpolated between budget points):")
-    for key, note in notes.items():
-        print(f"skipped {key}: {note}")
+    report(summary, at_mass, equal, notes, f"\nmean over layers {layers} x heads, "
+           f"{args.seqlen} tokens:")
     print(f"wrote {out / 'accuracy.json'} and {out / 'accuracy.png'} "
           f"({time.perf_counter() - t_start:.0f} s)")
 
