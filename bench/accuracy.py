@@ -341,7 +341,9 @@ def draw(summary: list[dict], path: Path, title: str) -> None:
         dens = [s["density"] for s in pts]
         if pts[0]["recall"] is not None:
             ax_r.plot(dens, [s["recall"] for s in pts], **style)
-        ax_e.plot(dens, [max(s["rel_l2"], 1e-6) for s in pts], **style)
+        err = [(s["density"], s["rel_l2"]) for s in pts if s["rel_l2"] > 1e-5]  # not dense
+        if err:
+            ax_e.plot(*zip(*err), **style)
     ax_r.set_xlabel("density (share of the causal area)")
     ax_r.set_ylabel("attention recall (mean over layers x heads)")
     ax_r.set_xlim(0, 1.02)
