@@ -337,7 +337,8 @@ def draw(summary: list[dict], path: Path, title: str) -> None:
     methods = sorted({s["curve"] for s in summary})
     for i, method in enumerate(methods):
         pts = sorted((s for s in summary if s["curve"] == method), key=lambda s: s["density"])
-        style = dict(marker="os^vD<>ph*"[i % 10], label=method, linewidth=1.5, markersize=5)
+        style = dict(marker="os^vD<>ph*"[i % 10], color=f"C{i % 10}", label=method,
+                     linewidth=1.5, markersize=5)  # one color per method in both panels
         dens = [s["density"] for s in pts]
         if pts[0]["recall"] is not None:
             ax_r.plot(dens, [s["recall"] for s in pts], **style)
