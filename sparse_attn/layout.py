@@ -344,6 +344,10 @@ class BlockLayout:
         # FlexAttention treats every listed block as partial (masked) unless told otherwise;
         # pass full blocks separately so it can skip mask_mod on them, as its own masks do.
         kv_indices = self.indices.clamp(min=0)
+        if self.max_blocks < self.num_k_blocks:
+            # FlexAttention reads the number of key blocks from the index tensor's width
+            kv_indices = torch.nn.functional.pad(
+                kv_indices, (0, self.num_k_blocks - self.max_blocks))
         if causal:
             pairs = causal_pair_counts(seqlen_q, seqlen_k, self.block_m, self.block_n, True,
                                        self.device)
@@ -355,11 +359,10 @@ class BlockLayout:
                  + self.block_n <= seqlen_k).long() * self.block_n
             )
             is_full = (pairs == full_area) & (full_area > 0)  # [NQB, NKB]
-            slot = torch.arange(self.max_blocks, device=self.device)
+            slot = torch.arange(kv_indices.shape[-1], device=self.device)
             used = slot < self.counts[..., None].long()
             full_sel = used & is_full[
-                torch.arange(self.num_q_blocks, device=self.device)[:, None],
-                self.indices.long().clamp(min=0)]
+                torch.arange(self.num_q_blocks, device=self.device)[:, None], kv_indices.long()]
             # partial = listed and not full; both lists stay sorted (stable sort of a key)
             def _compact(sel):
                 cnt = sel.sum(-1, dtype=torch.int32)
@@ -368,7 +371,7 @@ class BlockLayout:
             full_cnt, full_idx = _compact(full_sel)
             qb = torch.arange(self.num_q_blocks, device=self.device)[:, None]
             # blocks wholly after the diagonal see nothing: leave them out
-            reach = used & (pairs[qb, self.indices.long().clamp(min=0)] > 0)
+            reach = used & (pairs[qb, kv_indices.long()] > 0)
             part_cnt, part_idx = _compact(reach & ~full_sel)
             return BlockMask.from_kv_blocks(
                 part_cnt, part_idx, full_cnt, full_idx,

@@ -128,3 +128,16 @@ def test_to_block_mask_repeats_kv_layout_for_query_heads():
     dense = bm.to_dense().bool().cpu()
     assert dense.shape[1] == 8
     assert torch.equal(dense, mask.repeat_interleave(4, dim=1))
+
+
+def test_to_block_mask_compact_indices():
+    """A layout whose index width is below the key-block count (max_blocks) still converts:
+    FlexAttention takes the number of key blocks from the index tensor's width."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    mask = _mask(1, 2, 6, 6, 0.3, seed=5) | torch.eye(6, dtype=torch.bool)
+    layout = BlockLayout.from_mask(mask, 64, 64, max_blocks=int(mask.sum(-1).max()))
+    assert layout.max_blocks < 6
+    for causal in (False, True):
+        dense = layout.to_block_mask(384, 384, causal=causal).to_dense().bool().cpu()
+        reach = mask if not causal else mask & torch.tril(torch.ones(6, 6, dtype=torch.bool))
+        assert torch.equal(dense, reach)
