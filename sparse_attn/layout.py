@@ -8,6 +8,7 @@ position ``seqlen_k - seqlen_q + i`` (queries aligned to the end), which is what
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 
 import torch
 
@@ -398,6 +399,111 @@ def _compact_positions(values: torch.Tensor, keep: torch.Tensor, width: int):
     return counts, out[..., :width].contiguous()
 
 
+def diagonal_phases(seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, device):
+    """Query blocks grouped by how their rows sit against the key blocks.
+
+    A query block whose last row is ``L`` (absolute) and which has ``n`` rows meets a diagonal
+    offset ``o = row - key`` in the key blocks ``L // block_n - d`` for
+    ``d in [ceil((o - r) / block_n), ceil((o + n - 1 - r) / block_n)]``, ``r = L % block_n``:
+    only ``(r, n)`` matters, and it repeats with period ``block_n / gcd(block_m, block_n)``
+    (the last, possibly short, block aside).
+
+    Returns:
+        ``(phases, phase_of_block, diag_block)``: a host list of ``(r, n)``, int64 ``[NQB]`` the
+        phase index of every query block and int64 ``[NQB]`` ``L // block_n``. No host sync.
+    """
+    nqb = _cdiv(seqlen_q, block_m)
+    offset = seqlen_k - seqlen_q
+    period = block_n // math.gcd(block_m, block_n)
+
+    def key(m):
+        last = min(m * block_m + block_m - 1, seqlen_q - 1) + offset
+        return (last % block_n, last - (m * block_m + offset) + 1)
+
+    phases = [key(m) for m in range(min(nqb - 1, period))]
+    tail = key(nqb - 1)
+    if tail not in phases:
+        phases.append(tail)
+    m = torch.arange(nqb, device=device)
+    phase_of_block = torch.where(m == nqb - 1, phases.index(tail), m % period)
+    last = (m * block_m + block_m - 1).clamp(max=seqlen_q - 1) + offset
+    return phases, phase_of_block, last // block_n
+
+
+def slash_diagonals(offsets: torch.Tensor, phase: tuple[int, int], block_n: int):
+    """The block diagonals ``d`` (key block = the query block's last-row block minus ``d``)
+    that diagonal offsets ``o >= 0`` meet in query blocks of one phase (see
+    :func:`diagonal_phases`): yields ``(d, hit)`` tensors shaped like ``offsets``, one pair per
+    diagonal a band can cross."""
+    r, n = phase
+    lo = -torch.div(r - offsets, block_n, rounding_mode="floor")  # ceil((o - r) / bn)
+    hi = -torch.div(r - n + 1 - offsets, block_n, rounding_mode="floor")
+    for j in range((n - 1) // block_n + 2):
+        yield lo + j, lo + j <= hi
+
+
+def slash_block_mask(slash_offsets: torch.Tensor, valid: torch.Tensor, seqlen_q: int,
+                     seqlen_k: int, block_m: int, block_n: int,
+                     diagonals: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``[B, H, NQB, NKB]``: the key blocks that the diagonal bands of ``slash_offsets``
+    (int ``[B, H, NS]``, used where ``valid``) cross in every query block, plus the block
+    diagonals set in ``diagonals`` (bool ``[NKB]``, e.g. a local window). Memory
+    ``O(B H NQB NKB)``, never ``B H NQB NS``; no host sync."""
+    b, h = slash_offsets.shape[:2]
+    dev = slash_offsets.device
+    nkb = _cdiv(seqlen_k, block_n)
+    phases, phase_of_block, diag = diagonal_phases(seqlen_q, seqlen_k, block_m, block_n, dev)
+    per_phase = torch.zeros((b, h, len(phases), nkb + 1), dtype=torch.bool, device=dev)
+    s = slash_offsets.long()
+    for p, phase in enumerate(phases):
+        for d, hit in slash_diagonals(s, phase, block_n):
+            hit = hit & valid & (s >= 0) & (d < nkb)
+            per_phase[:, :, p].scatter_(-1, torch.where(hit, d, nkb), True)
+    if diagonals is not None:
+        per_phase[..., :nkb] |= diagonals
+    per_phase[..., nkb] = False
+    d = diag[:, None] - torch.arange(nkb, device=dev)[None, :]  # [NQB, NKB]
+    d = torch.where(d >= 0, d, nkb)
+    return torch.gather(per_phase[:, :, phase_of_block], -1,
+                        d.expand(b, h, *d.shape))
+
+
+def vertical_columns(vertical: torch.Tensor, valid: torch.Tensor, block_mask: torch.Tensor,
+                     last: torch.Tensor, width: int, block_n: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block stripe lists of vertical lines.
+
+    Args:
+        vertical: int ``[B, H, NV]`` key positions, increasing where ``valid``.
+        valid: bool ``[B, H, NV]``.
+        block_mask: bool ``[B, H, NQB, NKB]``, the dense blocks (their columns are dropped).
+        last: int64 ``[NQB]`` absolute position of each query block's last row (later keys
+            are unseen and dropped).
+        width: static width of the lists; block_n: key block size.
+
+    Returns:
+        ``(col_counts int32 [B, H, NQB], col_indices int32 [B, H, NQB, width])``, ``-1``
+        padded. Chunked over query blocks; no host sync.
+    """
+    b, h, nv = vertical.shape
+    nqb = block_mask.shape[2]
+    dev = vertical.device
+    counts = torch.empty((b, h, nqb), dtype=torch.int32, device=dev)
+    indices = torch.empty((b, h, nqb, width), dtype=torch.int32, device=dev)
+    row_bytes = b * h * max(nv, 1) * 8
+    step = _rows_per_chunk(row_bytes >> 4 if dev.type == "cuda" else row_bytes)  # 1 GiB on GPU
+    v = vertical.long().clamp(0, block_mask.shape[3] * block_n - 1)
+    vb = (v // block_n)[:, :, None, :]
+    for m0 in range(0, nqb, step):
+        m1 = min(nqb, m0 + step)
+        dense = torch.gather(block_mask[:, :, m0:m1], -1, vb.expand(b, h, m1 - m0, nv))
+        keep = (valid[:, :, None, :] & ~dense
+                & (v[:, :, None, :] <= last[None, None, m0:m1, None]))
+        counts[:, :, m0:m1], indices[:, :, m0:m1] = _compact_positions(
+            v[:, :, None, :], keep, width)
+    return counts, indices
+
+
 def _rows_per_chunk(row_elems: int, budget: int = 1 << 26) -> int:
     return max(1, budget // max(1, row_elems))
 
@@ -583,49 +689,25 @@ class StripeLayout:
             if locals()[name] not in _BLOCK_SIZES:
                 raise ValueError(f"{name} must be one of {_BLOCK_SIZES}, got {locals()[name]}")
         dev = vertical_indices.device
-        b, h = vertical_indices.shape[:2]
-        nqb, nkb = _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n)
+        nqb = _cdiv(seqlen_q, block_m)
         offset = seqlen_k - seqlen_q
-        first = torch.arange(nqb, device=dev) * block_m + offset  # absolute row positions
         last = (torch.arange(nqb, device=dev) * block_m + block_m - 1).clamp(
             max=seqlen_q - 1) + offset
-        # slashes: key = row - s over the block's rows covers [first - s, last - s]
-        s = slash_offsets.long()[:, :, None, :]  # [B, H, 1, NS]
-        hi = last[None, None, :, None] - s
-        lo = (first[None, None, :, None] - s).clamp(min=0)
-        ok = (s >= 0) & (hi >= 0)
-        kb_lo, kb_hi = lo.div(block_n, rounding_mode="floor"), hi.div(block_n, rounding_mode="floor")
-        block_mask = torch.zeros((b, h, nqb, nkb + 1), dtype=torch.bool, device=dev)
-        for j in range(_cdiv(block_m - 1, block_n) + 1):  # blocks a band of block_m rows crosses
-            kb = kb_lo + j
-            hit = ok & (kb <= kb_hi)
-            block_mask.scatter_(-1, torch.where(hit, kb, nkb).expand(b, h, nqb, -1), True)
-        block_mask = block_mask[..., :nkb].contiguous()
+        s = slash_offsets.long()
+        block_mask = slash_block_mask(s, s >= 0, seqlen_q, seqlen_k, block_m, block_n)
         blocks = BlockLayout.from_mask(block_mask, block_m, block_n)
         # verticals: sorted, unique, in range; per query block drop the unseen and the dense
         v = vertical_indices.long().sort(-1).values
         valid = (v >= 0) & (v < seqlen_k)
         if v.shape[-1] > 1:
             valid[..., 1:] &= v[..., 1:] != v[..., :-1]
-        v = v.clamp(0, seqlen_k - 1)
-        nv = v.shape[-1]
         if max_columns is None:
             width = max(1, int(valid.sum(-1).max())) if valid.numel() else 1
         else:
             width = int(max_columns)
             if width < 1:
                 raise ValueError(f"max_columns must be >= 1, got {max_columns}")
-        counts = torch.empty((b, h, nqb), dtype=torch.int32, device=dev)
-        indices = torch.empty((b, h, nqb, width), dtype=torch.int32, device=dev)
-        step = _rows_per_chunk(b * h * max(nv, 1) * 8)
-        vb = (v // block_n)[:, :, None, :]
-        for m0 in range(0, nqb, step):
-            m1 = min(nqb, m0 + step)
-            dense = torch.gather(block_mask[:, :, m0:m1], -1, vb.expand(b, h, m1 - m0, nv))
-            keep = (valid[:, :, None, :] & ~dense
-                    & (v[:, :, None, :] <= last[None, None, m0:m1, None]))
-            counts[:, :, m0:m1], indices[:, :, m0:m1] = _compact_positions(
-                v[:, :, None, :], keep, width)
+        counts, indices = vertical_columns(v, valid, block_mask, last, width, block_n)
         return cls(blocks, counts, indices)
 
     # ----------------------------------------------------------------------------- checks

@@ -3,14 +3,22 @@
 The last ``last_q`` query rows attend densely (causal softmax) to every key. Summed over those
 rows, the probabilities give each key column a *vertical* score and each diagonal offset
 ``o = query position - key position`` a *slash* score (both are shares of the rows' mass). The
-highest verticals and slashes, ranked together, are kept under the budget; the first
-``sink_blocks * block_n`` keys (verticals) and the nearest ``local_blocks * block_n`` offsets
-(slashes) are always kept. The lines become a :class:`StripeLayout` through
-``StripeLayout.from_vertical_slash`` (slashes as dense blocks along their diagonals, verticals as
-gathered columns).
+first ``sink_blocks`` key blocks and the ``local_blocks`` key blocks at each diagonal are dense
+(their entries are left out of the scores); the other lines are ranked together: verticals by
+their score, slashes by the best score of their group of ``block_n`` offsets (a slash is
+computed as a band of whole blocks, so once a group is open its other slashes are free), then by
+their own. The budget takes a prefix of that ranking:
 
-It runs in torch on any device (one ``[last_q, Sk]`` attention per head, a scatter into the
-offsets, one sort): cheap next to the attention and free of host synchronisation.
+- ``mass``: until the dense share plus the added scores reach the target;
+- ``density``: until the *layout* density reaches it: each block diagonal a slash band opens
+  is counted once (its causal pairs), each vertical by the rows that see it (so at 128k a
+  10% budget gives about 10%, not a band of blocks for each of 13k scattered slashes);
+- ``top_k``: a number of lines.
+
+The layout: slash bands and sink/local blocks as dense blocks (built per block diagonal and
+query-block phase, ``O(B H NQB NKB)``), verticals as per-query-block stripe lists (chunked,
+``B H chunk width`` at a time). It runs in torch on any device (one ``[last_q, Sk]`` attention
+per head, a few sorts over ``2 Sk`` lines), free of host synchronisation.
 """
 from __future__ import annotations
 
@@ -19,10 +27,12 @@ import math
 
 import torch
 
-from ..layout import StripeLayout
+from ..layout import (BlockLayout, StripeLayout, causal_pair_counts, diagonal_phases,
+                      slash_block_mask, slash_diagonals, vertical_columns)
+from .anchor import dense_block_mask
 from .base import register
 from .select import _is_int, reduce_gqa
-from ._stripe import StripeEstimator
+from ._stripe import StripeEstimator, last_rows
 
 # fp32 bytes of one chunk of the last rows' [B, H, rows, Sk] probabilities
 _CHUNK_BYTES = 128 * 2**20
@@ -59,7 +69,8 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, *, caus
     hkv, sk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     n = min(last_q, sq)
-    kt = k.float().transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, Sk]
+    # fp32 scores on the CPU; on the GPU the tensor-core product in K's dtype (fp32 output)
+    kt = (k if q.is_cuda else k.float()).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, Sk]
     keys = torch.arange(sk, device=q.device)
     vertical = torch.zeros(batch, hq, sk, device=q.device)
     slash = torch.zeros(batch, hq, sk, device=q.device)
@@ -67,8 +78,8 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, *, caus
     step = max(1, _CHUNK_BYTES // max(1, batch * hq * sk * 4))
     for r0 in range(sq - n, sq, step):
         r1 = min(sq, r0 + step)
-        qc = q[:, :, r0:r1].float().unflatten(1, (hkv, hq // hkv))
-        s = torch.matmul(qc, kt).flatten(1, 2) * scale  # [B, Hq, rows, Sk]
+        qc = q[:, :, r0:r1].to(kt.dtype).unflatten(1, (hkv, hq // hkv))
+        s = torch.matmul(qc, kt).flatten(1, 2).float() * scale  # [B, Hq, rows, Sk]
         pos = torch.arange(r0, r1, device=q.device) + (sk - sq)  # absolute positions
         if causal:
             s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf"))
@@ -78,9 +89,9 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, *, caus
         covered += torch.where(forced, p, 0.0).sum((-1, -2))
         p = torch.where(forced, 0.0, p)
         vertical += p.sum(2)
-        ok = off >= 0  # keys after the row (non-causal) lie on no slash
-        slash.scatter_add_(-1, off.clamp(min=0).expand_as(p).flatten(2),
-                           torch.where(ok, p, 0.0).flatten(2))
+        for i in range(r1 - r0):  # row at absolute P: key P - o for o in [0, P] (no index)
+            top = r0 + i + sk - sq + 1
+            slash[..., :top] += p[:, :, i, :top].flip(-1)
     return vertical / n, slash / n, covered / n
 
 
@@ -100,19 +111,19 @@ class VerticalSlash(StripeEstimator):
 
     Args:
         block_m, block_n: layout tiles (64 or 128, default 64).
-        sink_blocks: the first ``sink_blocks * block_n`` keys are always vertical lines
-            (>= 0, default 1).
-        local_blocks: the nearest ``local_blocks * block_n`` diagonals (offsets) are always
-            slash lines (>= 1, default 1).
+        sink_blocks: leading key blocks computed densely (>= 0, default 1).
+        local_blocks: key blocks ending at each query block's diagonal computed densely
+            (>= 1, default 1).
         last_q: query rows (the last ones) that estimate the lines (>= 1, default 64).
-        mass: keep the fewest lines (verticals and slashes ranked together by the mass they add
-            beyond the forced lines) until the forced lines' share of the rows' mass plus the
+        mass: keep lines in rank order until the dense blocks' share of the rows' mass plus the
             added scores reach this share, in ``(0, 1]`` (default 0.95 when no budget is
             given; a vertical and a slash crossing share one entry, counted twice).
-        density: or keep ``density * seqlen_k`` lines (forced included): a line covers half
-            the causal area's rows on average, but a slash is computed as a band of dense
-            blocks, so the layout's density is higher (check ``layout.density``).
+        density: or keep lines until the layout's density (computed pairs over the causal
+            area, ``layout.density``) would pass this share (the dense sink + local share is
+            always kept, even when larger).
         top_k: or keep this many lines beyond the forced ones (>= 1).
+        max_columns: at most this many verticals (the stripe lists' width); default
+            ``density * seqlen_k`` or ``top_k`` (+ 8), ``min(seqlen_k, 16384)`` for ``mass``.
         gqa_reduce: ``"max"`` (default: a per-KV-head layout from the group's maximum scores)
             or ``"none"`` (per query head).
 
@@ -134,8 +145,9 @@ class VerticalSlash(StripeEstimator):
 
     def lines(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept lines as bool masks ``(vertical [B, H, Sk], slash [B, H, Sk])``."""
-        sk = k.shape[2]
+        """The kept lines as bool masks ``(vertical [B, H, Sk], slash [B, H, Sk])`` (the
+        forced ones included)."""
+        sq, sk = q.shape[2], k.shape[2]
         n_keys = min(sk, self.sink_blocks * self.block_n)
         n_offsets = min(sk, self.local_blocks * self.block_n)
         vertical, slash, covered = vertical_slash_scores(
@@ -146,29 +158,100 @@ class VerticalSlash(StripeEstimator):
             covered = reduce_gqa(covered, k.shape[1], "mean")
         pos = torch.arange(sk, device=q.device)
         forced = torch.cat([pos < n_keys, pos < n_offsets])
-        ranked, order = torch.where(forced, -1.0, scores).sort(dim=-1, descending=True)
+        gain = torch.where(forced, -1.0, scores)  # the mass each line adds
+        # a slash is computed as a band of blocks: once its group of block_n offsets is open,
+        # the group's other slashes cost nothing more, so they follow it in the ranking (a
+        # group ranks by its best slash; inside a group, and for the verticals, by own mass)
+        bn, nkb = self.block_n, -(-sk // self.block_n)
+        group = torch.nn.functional.pad(gain[..., sk:], (0, nkb * bn - sk), value=-1.0)
+        group = group.unflatten(-1, (nkb, bn)).amax(-1).repeat_interleave(bn, -1)[..., :sk]
+        value = torch.where(forced, -1.0, torch.cat([gain[..., :sk], group], -1))
+        by_gain = torch.argsort(gain, dim=-1, descending=True, stable=True)
+        order = torch.gather(by_gain, -1, torch.argsort(
+            torch.gather(value, -1, by_gain), dim=-1, descending=True, stable=True))
+        ranked = torch.gather(gain, -1, order)
+        # the static width of the stripe lists bounds the verticals (the forced ones are dense)
+        is_vertical = order < sk
+        allowed = ~is_vertical | (torch.cumsum(is_vertical & (ranked >= 0), -1)
+                                  <= self._column_width(sk))
         if self.mass is not None:
             # lines by decreasing added mass until the rows' covered share reaches the target
-            before = covered[..., None] + ranked.clamp(min=0).cumsum(-1) - ranked.clamp(min=0)
-            take = (ranked >= 0) & (before < self.mass)
+            gain = torch.where(allowed, ranked.clamp(min=0), 0.0)
+            before = covered[..., None] + gain.cumsum(-1) - gain
+            take = (ranked >= 0) & allowed & (before < self.mass)
+        elif self.density is not None:
+            share = self._layout_shares(order, allowed, sq, sk, causal)
+            take = (ranked >= 0) & allowed & (share <= self.density)
         else:
-            if self.density is not None:
-                extra = max(0, round(self.density * sk) - n_keys - n_offsets)
-            else:
-                extra = self.top_k
-            take = (torch.arange(2 * sk, device=q.device) < extra) & (ranked >= 0)
+            take = (torch.arange(2 * sk, device=q.device) < self.top_k) & (ranked >= 0)
         chosen = torch.zeros_like(take).scatter(-1, order, take) | forced
         return chosen[..., :sk], chosen[..., sk:]
+
+    def _layout_shares(self, order: torch.Tensor, allowed: torch.Tensor, sq: int, sk: int,
+                       causal: bool) -> torch.Tensor:
+        """Layout density (share of the causal area) after taking the lines of ``order`` up to
+        each rank: float ``[B, H, 2 Sk]``.
+
+        The dense sink + local blocks count first; a slash costs the block diagonals its band
+        opens (once, at the first slash that opens them), a vertical the rows that see it.
+        Vectorised over ranks: ``O(B H (Sk + phases NKB))`` memory, no host sync.
+        """
+        bm, bn, dev = self.block_m, self.block_n, order.device
+        nkb, n2 = -(-sk // bn), 2 * sk
+        b, h = order.shape[:2]
+        pairs = causal_pair_counts(sq, sk, bm, bn, causal, dev).double()
+        pairs = pairs / pairs.sum().clamp(min=1)
+        dense = dense_block_mask(sq, sk, bm, bn, self.sink_blocks, self.local_blocks, causal,
+                                 dev)
+        forced_share = (pairs * dense).sum().float()
+        phases, phase_of_block, diag = diagonal_phases(sq, sk, bm, bn, dev)
+        n_diag = len(phases) * nkb
+        d = diag[:, None] - torch.arange(nkb, device=dev)[None, :]  # [NQB, NKB]
+        slot = torch.where((d >= 0) & ~dense, phase_of_block[:, None] * nkb + d, n_diag)
+        diag_cost = torch.zeros(n_diag + 1, dtype=torch.float64, device=dev).scatter_add_(
+            0, slot.flatten(), pairs.flatten())[:n_diag].float()
+        rank = torch.empty_like(order).scatter_(
+            -1, order, torch.arange(n2, device=dev).expand_as(order))
+        offs = torch.arange(sk, device=dev)
+        movable = offs >= min(sk, self.local_blocks * bn)  # forced slashes open nothing
+        first = torch.full((b, h, n_diag + 1), n2, dtype=torch.long, device=dev)
+        for p, phase in enumerate(phases):
+            for dd, hit in slash_diagonals(offs, phase, bn):
+                at = torch.where(hit & movable & (dd < nkb), p * nkb + dd, n_diag)
+                first.scatter_reduce_(-1, at.expand(b, h, sk), rank[..., sk:], "amin")
+        cost = torch.zeros(b, h, n2 + 1, device=dev)
+        cost.scatter_add_(-1, first[..., :n_diag], diag_cost.expand(b, h, n_diag).contiguous())
+        if causal:
+            rows = (sq - (offs - (sk - sq)).clamp(min=0)).clamp(min=0)
+        else:
+            rows = torch.full_like(offs, sq)
+        area = _causal_area(sq, sk) if causal else float(sq * sk)
+        v_cost = (rows.double() / area).float()
+        v_cost = torch.where(offs < min(sk, self.sink_blocks * bn), 0.0, v_cost)
+        v_cost = torch.where(torch.gather(allowed, -1, rank[..., :sk]), v_cost, 0.0)
+        cost.scatter_add_(-1, rank[..., :sk], v_cost)
+        return forced_share + cost[..., :n2].cumsum(-1)
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True) -> StripeLayout:
         self._check(q, k, causal)
         self._window(1, 1, q.shape[2], k.shape[2], causal, q.device)  # raises if it cannot fit
-        sk = k.shape[2]
+        sq, sk = q.shape[2], k.shape[2]
+        bm, bn = self.block_m, self.block_n
         vertical, slash = self.lines(q, k, causal=causal)
+        # dense: sink + local window + the block diagonals the slashes cross
+        dense = dense_block_mask(sq, sk, bm, bn, self.sink_blocks, self.local_blocks, causal,
+                                 q.device)
+        offs = torch.arange(sk, device=q.device)
+        block_mask = slash_block_mask(offs.expand_as(slash), slash, sq, sk, bm, bn) | dense
+        blocks = BlockLayout.from_mask(block_mask, bm, bn)
+        # verticals (the sink keys are dense): per query block, the seen ones outside dense
         width = self._column_width(sk)
-        forced_keys = min(sk, self.sink_blocks * self.block_n)
-        if self.top_k is not None or self.density is not None:
-            width = min(sk, width + forced_keys)  # the forced verticals come on top
-        return StripeLayout.from_vertical_slash(
-            _compact(vertical, width), _compact(slash, sk), q.shape[2], sk,
-            block_m=self.block_m, block_n=self.block_n, max_columns=width)
+        v = _compact(vertical & (offs >= min(sk, self.sink_blocks * bn)), width)
+        counts, indices = vertical_columns(v, v >= 0, block_mask, last_rows(sq, sk, bm, q.device),
+                                           width, bn)
+        return StripeLayout(blocks, counts, indices)
+
+
+def _causal_area(sq: int, sk: int) -> float:
+    """Attendable (query, key) pairs of a causal attention, queries aligned to the end."""
+    return float(sq * (sk - sq) + sq * (sq + 1) // 2)
