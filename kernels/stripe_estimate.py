@@ -31,6 +31,13 @@ _SEARCH_SPAN = 32.0
 _NUM_THRESHOLDS = 16  # per pass
 _SEARCH_LEVELS = 3  # resolution 32 / 16**3 = 0.008 logits
 _MAX_EXP = 30.0  # exp(diff) is clamped here (a pooled score far above its anchor)
+# launch configs (module constants so bench/profile_estimate.py can sweep them): pooled rows
+# (query blocks x group heads) per program and keys per tile, for the search passes (MODE=0,
+# whose [QB, BLOCK_K, NT] compare is the large tensor) and the selection pass (MODE=1); the
+# search samples every _LONG_STRIDE-th key beyond _LONG_KEYS keys
+CONFIG = {"search_rows": 16, "search_block_k": 32, "search_warps": 4,
+          "select_rows": 64, "select_block_k": 64, "select_warps": 4,
+          "long_keys": 16384, "long_stride": 8}
 
 
 @triton.jit
@@ -223,13 +230,18 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
     group = hq // hkv if per_kv_head else 1
     heads = hkv if per_kv_head else hq
     gp = triton.next_power_of_2(group)
-    # pooled rows per program: 64 for the selection pass (a K tile read serves 64 rows), 16
-    # (tl.dot's minimum) for the search passes, whose [QB, BLOCK_K, NT] compare is larger
-    rows = {0: 16, 1: 64}
+    # pooled rows per program (CONFIG): the selection pass reads each K tile once for
+    # select_rows rows; the search passes use fewer, their [QB, BLOCK_K, NT] compare is larger
+    rows = {0: CONFIG["search_rows"], 1: CONFIG["select_rows"]}
+    block_k = {0: CONFIG["search_block_k"], 1: CONFIG["select_block_k"]}
+    warps = {0: CONFIG["search_warps"], 1: CONFIG["select_warps"]}
     counts = torch.empty(batch, heads, nqb, device=q.device, dtype=torch.int32)
     indices = torch.full((batch, heads, nqb, max_columns), -1, device=q.device,
                          dtype=torch.int32)
-    stride = (1 if sk <= 16384 else 8) if sample_stride is None else sample_stride
+    if sample_stride is None:
+        stride = 1 if sk <= CONFIG["long_keys"] else CONFIG["long_stride"]
+    else:
+        stride = sample_stride
 
     def scan(mode: int, thr=None, lows=None, sums=None, step=0.0, weighted=False):
         dummy = abar
@@ -240,9 +252,9 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
             k.stride(0), k.stride(1), k.stride(2), heads, hq, group, hq // hkv, sq, sk, nkb,
             sink_blocks, local_blocks, max_columns, scale, step,
             HEAD_DIM=dim, D_PAD=d_pad, GP=gp, QB=qb, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=64 if mode == 1 else 32, NT=_NUM_THRESHOLDS,
+            BLOCK_K=block_k[mode], NT=_NUM_THRESHOLDS,
             KEY_STRIDE=1 if mode == 1 else stride, IS_CAUSAL=causal, MODE=mode,
-            WEIGHTED=weighted, MAX_EXP=_MAX_EXP, num_warps=4)
+            WEIGHTED=weighted, MAX_EXP=_MAX_EXP, num_warps=warps[mode])
 
     if theta is not None:
         thr = torch.full((batch, heads, nqb), -float(theta), device=q.device)

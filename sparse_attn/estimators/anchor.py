@@ -194,7 +194,8 @@ class Anchor(StripeEstimator):
                 local_blocks=self.local_blocks, causal=causal, theta=self.theta,
                 mass=self.mass, density=self.density, top_k=self.top_k, max_columns=width,
                 per_kv_head=self.gqa_reduce == "max")
-            blocks = _blocks(dense, batch, heads, self.block_m, self.block_n)
+            blocks = _blocks(dense, batch, heads, self.block_m, self.block_n,
+                             self.sink_blocks + self.local_blocks)
             return StripeLayout(blocks, counts, indices)
         column_mask = self.column_mask(q, k, causal=causal)
         block_mask = dense.expand(batch, heads, *dense.shape).contiguous()
@@ -245,7 +246,13 @@ class Anchor(StripeEstimator):
         return out
 
 
-def _blocks(dense: torch.Tensor, batch: int, heads: int, block_m: int, block_n: int):
-    return BlockLayout.from_mask(dense.expand(batch, heads, *dense.shape).contiguous(),
-                                 block_m, block_n)
+def _blocks(dense: torch.Tensor, batch: int, heads: int, block_m: int, block_n: int,
+            max_blocks: int):
+    """The sink + local BlockLayout shared by every (batch, head): built once on ``[NQB, NKB]``
+    with ``max_blocks`` (sink + local) wide lists, then expanded (no ``[B, H, NQB, NKB]`` sort)."""
+    one = BlockLayout.from_mask(dense[None, None], block_m, block_n,
+                                max_blocks=min(max_blocks, dense.shape[-1]))
+    counts = one.counts.expand(batch, heads, -1).contiguous()
+    indices = one.indices.expand(batch, heads, -1, -1).contiguous()
+    return BlockLayout(counts, indices, block_m, block_n, one.num_k_blocks)
 

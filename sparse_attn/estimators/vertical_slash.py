@@ -73,25 +73,28 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, *, caus
     kt = (k if q.is_cuda else k.float()).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, Sk]
     keys = torch.arange(sk, device=q.device)
     vertical = torch.zeros(batch, hq, sk, device=q.device)
-    slash = torch.zeros(batch, hq, sk, device=q.device)
     covered = torch.zeros(batch, hq, device=q.device)
     step = max(1, _CHUNK_BYTES // max(1, batch * hq * sk * 4))
+    slash_f = torch.zeros(batch, hq, sk, device=q.device)  # slash, indexed sk - 1 - offset
     for r0 in range(sq - n, sq, step):
         r1 = min(sq, r0 + step)
-        qc = q[:, :, r0:r1].to(kt.dtype).unflatten(1, (hkv, hq // hkv))
-        s = torch.matmul(qc, kt).flatten(1, 2).float() * scale  # [B, Hq, rows, Sk]
+        qc = (q[:, :, r0:r1].float() * scale).to(kt.dtype).unflatten(1, (hkv, hq // hkv))
+        s = torch.matmul(qc, kt).flatten(1, 2).float()  # [B, Hq, rows, Sk] scaled scores
         pos = torch.arange(r0, r1, device=q.device) + (sk - sq)  # absolute positions
         if causal:
-            s = s.masked_fill(keys[None, :] > pos[:, None], float("-inf"))
+            s.masked_fill_(keys[None, :] > pos[:, None], float("-inf"))
         p = torch.softmax(s, dim=-1)
+        del s
         off = pos[:, None] - keys[None, :]  # [rows, Sk]: the offset of every entry
         forced = (keys[None, :] < forced_keys) | ((off >= 0) & (off < forced_offsets))
-        covered += torch.where(forced, p, 0.0).sum((-1, -2))
-        p = torch.where(forced, 0.0, p)
-        vertical += p.sum(2)
-        for i in range(r1 - r0):  # row at absolute P: key P - o for o in [0, P] (no index)
+        p.masked_fill_(forced, 0.0)
+        rows = p.sum(2)
+        vertical += rows
+        covered += (r1 - r0) - rows.sum(-1)  # every row's probabilities sum to 1
+        for i in range(r1 - r0):  # row at absolute P: key k has offset P - k (no index tensor)
             top = r0 + i + sk - sq + 1
-            slash[..., :top] += p[:, :, i, :top].flip(-1)
+            slash_f[..., sk - top:] += p[:, :, i, :top]
+    slash = slash_f.flip(-1)
     return vertical / n, slash / n, covered / n
 
 
