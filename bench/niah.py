@@ -58,6 +58,130 @@ def sparse_density(handle) -> tuple[float | None, int]:
     return (sum(dens) / len(dens) if dens else None), len(dens)
 
 
+def default_methods() -> list[str]:
+    """Every registered estimator except ``dense`` (the baseline) and ``oracle`` (exact scores)."""
+    from sparse_attn import estimators
+    return [m for m in estimators.available() if m not in ("dense", "oracle")]
+
+
+def _value(text: str):
+    """A config value from text: int, float, bool, None, JSON, or the string itself."""
+    import json
+    low = text.strip()
+    if low in ("None", "none", "null"):
+        return None
+    if low in ("True", "true", "False", "false"):
+        return low in ("True", "true")
+    try:
+        return json.loads(low)
+    except ValueError:
+        return low
+
+
+def parse_configs(items: list[str] | None) -> dict[str, dict]:
+    """``--config`` values into ``{spec: config}``.
+
+    Each item is ``SPEC:key=value,key=value`` (SPEC a method name, or ``name@tag`` for a variant
+    of it listed in ``--methods``) or a JSON object ``{"SPEC": {...}}``. Two shorthands:
+    ``block_size=64`` sets ``block_m`` and ``block_n``; ``dense_layers=0+1`` leaves those layers
+    to the original attention (``per_layer={i: None}``).
+    """
+    import json
+    configs: dict[str, dict] = {}
+    for item in items or []:
+        item = item.strip()
+        if item.startswith("{"):
+            for spec, cfg in json.loads(item).items():
+                configs.setdefault(spec, {}).update(cfg)
+            continue
+        spec, _, rest = item.partition(":")
+        if not rest:
+            raise ValueError(f"--config {item!r}: expected SPEC:key=value,... or a JSON object")
+        cfg = configs.setdefault(spec.strip(), {})
+        for pair in rest.split(","):
+            if pair.strip():
+                key, eq, val = pair.partition("=")
+                if not eq:
+                    raise ValueError(f"--config {item!r}: {pair!r} is not key=value")
+                cfg[key.strip()] = _value(val)
+    return configs
+
+
+def method_plans(methods: str | None, config_items: list[str] | None) -> list[dict]:
+    """The sparse runs: ``[{"label", "method", "config", "per_layer"}]``, checked before loading.
+
+    ``methods`` is a comma list of ``name`` or ``name@tag`` (default: :func:`default_methods`);
+    each takes its ``--config`` (by its label; a ``name@tag`` also takes ``name``'s first).
+    """
+    import sparse_attn as sa
+    specs = [m.strip() for m in (methods or ",".join(default_methods())).split(",") if m.strip()]
+    configs = parse_configs(config_items)
+    unknown = sorted(set(configs) - set(specs) - {s.split("@")[0] for s in specs})
+    if unknown:
+        raise ValueError(f"--config for {unknown}, which --methods does not list ({specs})")
+    plans = []
+    for spec in specs:
+        name = spec.split("@")[0]
+        cfg = {**configs.get(name, {}), **configs.get(spec, {})} if "@" in spec else \
+            dict(configs.get(spec, {}))
+        if "block_size" in cfg:
+            size = cfg.pop("block_size")
+            cfg["block_m"] = cfg["block_n"] = size
+        dense_layers = cfg.pop("dense_layers", None)
+        per_layer = None
+        if dense_layers not in (None, ""):
+            idx = [dense_layers] if isinstance(dense_layers, int) else \
+                [int(i) for i in str(dense_layers).split("+")]
+            per_layer = {i: None for i in idx}
+        sa.SparseAttention(name, min_seqlen=0, **cfg)  # bad names/keys fail before the load
+        plans.append({"label": spec, "method": name, "config": cfg, "per_layer": per_layer,
+                      "dense_layers": sorted(per_layer) if per_layer else []})
+    return plans
+
+
+def use_mask_attention() -> None:
+    """Run the sparse ops as SDPA under the layout's token mask (``--attn mask``).
+
+    The same attention as the torch reference of each op (every layout type has
+    ``to_token_mask``; fp32 outputs agree to ~1e-7), but SDPA's one fused call is several times
+    faster on the CPU than the chunked references. ``softmax_threshold`` is ignored, as the torch
+    backend ignores it. Affects this process only.
+    """
+    from sparse_attn import module
+
+    def masked(q, k, v, layout, *, causal=True, scale=None, **_):
+        mask = layout.to_token_mask(q.shape[2], k.shape[2], causal=causal)  # [B, H, Sq, Sk]
+        hq, hkv = q.shape[1], k.shape[1]
+        if mask.shape[1] != hq:
+            mask = mask.repeat_interleave(hq // mask.shape[1], dim=1)
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                scale=scale)
+
+    for cls in list(module._LAYOUT_OPS):
+        module._LAYOUT_OPS[cls] = masked
+
+
+def add_method_args(ap) -> None:
+    """The ``--methods``, ``--config`` and ``--attn`` options shared by niah.py and ppl.py."""
+    ap.add_argument("--methods", default=None,
+                    help="sparse methods, name or name@tag (default: every registered one "
+                         "but oracle); dense always runs")
+    ap.add_argument("--config", action="append", default=None,
+                    help="a method's config, 'SPEC:key=value,...' or JSON {SPEC: {...}} "
+                         "(repeatable; block_size=64, dense_layers=0+1 shorthands)")
+    ap.add_argument("--attn", choices=("op", "mask"), default="op",
+                    help="sparse attention: the package's op (torch reference on the CPU) or "
+                         "SDPA under the layout's token mask (same math, faster on the CPU)")
+
+
+def patch_plan(model, plan: dict):
+    """``sparse_attn.patch`` for one plan of :func:`method_plans` (min_seqlen 0, stats on)."""
+    import sparse_attn as sa
+    return sa.patch(model, plan["method"], per_layer=plan["per_layer"], min_seqlen=0,
+                    record_stats=True, **plan["config"])
+
+
 def draw(rows: list[dict], methods: list[str], lengths: list[int], depths: list[float],
          path: Path) -> None:
     """Green (retrieved) / red (missed) / grey (not run) per method, lengths x depths."""
@@ -96,8 +220,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="1024,2048,4096", help="context lengths (tokens)")
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1.0", help="needle depths (0..1)")
-    ap.add_argument("--methods", default="streaming,block_topk",
-                    help="sparse methods (default configs); dense always runs")
+    add_method_args(ap)
     ap.add_argument("--cells", default=None,
                     help="only these length:depth cells, e.g. 4096:0.5 (beside the grid)")
     ap.add_argument("--device", default=None)
@@ -119,10 +242,10 @@ def main(argv=None) -> None:
             cells.append((parse_list(n, int)[0], float(d)))
             lengths = sorted(set(lengths) | {cells[-1][0]})
             depths = sorted(set(depths) | {cells[-1][1]})
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:  # a bad method name fails before the slow load
-        sa.SparseAttention(m, min_seqlen=0)
-    all_methods = ["dense", *methods]
+    plans = method_plans(args.methods, args.config)  # bad names/keys fail before the load
+    if args.attn == "mask":
+        use_mask_attention()
+    all_methods = ["dense", *[p["label"] for p in plans]]
 
     t_start = time.perf_counter()
     model, tokenizer, dev, dtype = load_model(args.device or
@@ -139,16 +262,18 @@ def main(argv=None) -> None:
         info = {"torch": torch.__version__}
     meta = {**run_meta(info), "model": "SmolLM2-135M-Instruct (gguf Q4_1 -> "
             f"{str(dtype).replace('torch.', '')})", "device": str(dev), "lengths": lengths,
-            "depths": depths, "methods": all_methods, "min_seqlen": 0}
+            "depths": depths, "methods": all_methods, "min_seqlen": 0, "attn": args.attn,
+            "configs": {p["label"]: {"method": p["method"], **p["config"],
+                                     "dense_layers": p["dense_layers"]} for p in plans}}
     out = Path(args.out)
     rows: list[dict] = []
     bar = tqdm(total=len(all_methods) * len(cells), desc="niah", unit="cell")
     try:
-        for method in all_methods:
+        for method, plan in zip(all_methods, [None, *plans]):
             handle = None
-            if method != "dense":
-                handle = sa.patch(model, method, min_seqlen=0, record_stats=True)
-                meta.setdefault("patch", {})[method] = str(handle).splitlines()[0]
+            if plan is not None:
+                handle = patch_plan(model, plan)
+                meta.setdefault("patch", {})[method] = str(handle)
             for n, d in cells:
                 key, ids = prompts[(n, d)]
                 bar.set_postfix_str(f"{method} {n} @ {d:.0%}")

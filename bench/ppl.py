@@ -21,15 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_on_sigterm, print_table, run_meta, write_results  # noqa: E402
-from niah import load_model, sparse_density  # noqa: E402
+from niah import (add_method_args, load_model, method_plans, patch_plan,  # noqa: E402
+                  sparse_density, use_mask_attention)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlen", type=int, default=4096, help="tokens of text")
     ap.add_argument("--text", default="gpl-3.0.txt", help="a file of sparse_attn/data")
-    ap.add_argument("--methods", default="streaming,block_topk",
-                    help="sparse methods (default configs); dense always runs")
+    add_method_args(ap)
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args(argv)
@@ -37,9 +37,9 @@ def main(argv=None) -> None:
 
     import sparse_attn as sa
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        sa.SparseAttention(m, min_seqlen=0)
+    plans = method_plans(args.methods, args.config)  # bad names/keys fail before the load
+    if args.attn == "mask":
+        use_mask_attention()
     t_start = time.perf_counter()
     model, tokenizer, dev, dtype = load_model(args.device or
                                               ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -56,14 +56,18 @@ def main(argv=None) -> None:
         info = {"torch": torch.__version__}
     meta = {**run_meta(info), "model": "SmolLM2-135M-Instruct (gguf Q4_1 -> "
             f"{str(dtype).replace('torch.', '')})", "device": str(dev), "text": args.text,
-            "tokens": int(ids.shape[1]), "min_seqlen": 0}
+            "tokens": int(ids.shape[1]), "min_seqlen": 0, "attn": args.attn,
+            "configs": {p["label"]: {"method": p["method"], **p["config"],
+                                     "dense_layers": p["dense_layers"]} for p in plans}}
     rows: list[dict] = []
     out = Path(args.out)
     try:
-        for method in ["dense", *methods]:
+        for plan in [None, *plans]:
+            method = "dense" if plan is None else plan["label"]
             handle = None
-            if method != "dense":
-                handle = sa.patch(model, method, min_seqlen=0, record_stats=True)
+            if plan is not None:
+                handle = patch_plan(model, plan)
+                meta.setdefault("patch", {})[method] = str(handle)
                 handle.reset_stats()
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -75,7 +79,9 @@ def main(argv=None) -> None:
                 sa.unpatch(model)
             rows.append({"method": method, "tokens": int(ids.shape[1]), "nll": nll,
                          "ppl": math.exp(nll), "density": density, "sparse_layers": n_sparse,
-                         "forward_s": seconds})
+                         "forward_s": seconds,
+                         "config": None if plan is None else
+                         {**plan["config"], "dense_layers": plan["dense_layers"]}})
             dense_ppl = rows[0]["ppl"]
             for r in rows:
                 r["rel_change"] = r["ppl"] / dense_ppl - 1.0

@@ -1,0 +1,78 @@
+"""bench/niah.py's method options (shared with bench/ppl.py): --methods/--config parsing and
+the --attn mask emulation of the sparse ops (CPU, no model)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparse_attn
+from sparse_attn import module
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def niah():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("niah_bench", BENCH / "niah.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_default_methods_skip_dense_and_oracle(niah):
+    names = niah.default_methods()
+    assert "dense" not in names and "oracle" not in names
+    assert set(names) == set(sparse_attn.estimators.available()) - {"dense", "oracle"}
+
+
+def test_configs_text_json_and_shorthands(niah):
+    plans = niah.method_plans(
+        "proxy,proxy@m98,streaming",
+        ["proxy:mass=0.9,block_size=64", "proxy@m98:mass=0.98,dense_layers=0+1",
+         '{"streaming": {"local_blocks": 3}}'])
+    by = {p["label"]: p for p in plans}
+    assert by["proxy"]["config"] == {"mass": 0.9, "block_m": 64, "block_n": 64}
+    assert by["proxy"]["per_layer"] is None
+    # a tagged variant starts from its method's config
+    assert by["proxy@m98"]["method"] == "proxy"
+    assert by["proxy@m98"]["config"] == {"mass": 0.98, "block_m": 64, "block_n": 64}
+    assert by["proxy@m98"]["per_layer"] == {0: None, 1: None}
+    assert by["streaming"]["config"] == {"local_blocks": 3}
+
+
+@pytest.mark.parametrize("methods,configs,match", [
+    ("nope", [], "nope"),
+    ("proxy", ["proxy:bogus=1"], "bogus"),
+    ("proxy", ["streaming:local_blocks=2"], "--methods"),
+    ("proxy", ["proxy"], "SPEC:key=value"),
+    ("proxy", ["proxy:mass"], "key=value"),
+])
+def test_bad_options_fail_before_loading(niah, methods, configs, match):
+    with pytest.raises(ValueError, match=match):
+        niah.method_plans(methods, configs)
+
+
+@pytest.mark.parametrize("method,config", [
+    ("block_topk", {"block_m": 64, "block_n": 64, "mass": 0.8}),
+    ("proxy", {"block_m": 64, "block_n": 64, "mass": 0.8}),  # per-query-head layout
+    ("anchor", {}),  # a StripeLayout
+])
+def test_mask_attention_matches_the_op(niah, method, config):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 300, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    attn = sparse_attn.SparseAttention(method, min_seqlen=0, backend="torch", **config)
+    want = attn(q, k, v)
+    saved = dict(module._LAYOUT_OPS)
+    try:
+        niah.use_mask_attention()
+        got = attn(q, k, v)
+    finally:
+        module._LAYOUT_OPS.clear()
+        module._LAYOUT_OPS.update(saved)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
