@@ -35,9 +35,10 @@ from sparse_attn.module import _LAYOUT_OPS
 
 STEM = "bench_estimate"
 # name[key=value;...]: an estimator with extra config (proxy's per-KV-head layout: the faster
-# GQA-packed kernel path)
-ORDER = ("proxy", "proxy[gqa_reduce=max]", "lowbit", "block_topk", "streaming", "anchor",
-         "vertical_slash")
+# GQA-packed kernel path; proxy with 16 sampled rows, the default before 2026-11-25; lowbit on
+# the CUDA int8 kernel instead of the Triton one)
+ORDER = ("proxy", "proxy[rows=16]", "proxy[gqa_reduce=max]", "lowbit", "lowbit[backend=cuda]",
+         "block_topk", "streaming", "anchor", "vertical_slash")
 TARGET_PCT = {"proxy": 5.0, "anchor": 5.0, "lowbit": 10.0}
 TARGET_SPEEDUP = 7.0
 

@@ -114,6 +114,34 @@ def test_lowbit_bad_config(config, match):
         estimators.get("lowbit", **config)
 
 
+def test_lowbit_backend_dispatch(monkeypatch):
+    from types import SimpleNamespace
+
+    from sparse_attn.estimators import lowbit as lowbit_mod
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        estimators.get("lowbit", backend="cutlass")
+    qq = SimpleNamespace(is_cuda=True, shape=(1, 4, 32, 64))  # only what the dispatch reads
+    for supported in (False, True):
+        monkeypatch.setattr(lowbit_mod._cuda, "lowbit_supported",
+                            lambda *a, supported=supported, **kw: supported)
+        for block in (64, 128):
+            def use(backend):
+                return estimators.get("lowbit", backend=backend, block_m=block,
+                                      block_n=block)._use_cuda(qq, qq)
+            assert use("triton") is False
+            assert use("auto") is (supported and block in lowbit_mod.CUDA_BLOCK_N)
+            if supported:
+                assert use("cuda") is True
+            else:
+                with pytest.raises(RuntimeError, match="backend='cuda' needs"):
+                    use("cuda")
+    # CPU inputs: the torch reference whatever the backend
+    q, k = _planted(1, 4, 2, 256)
+    est = estimators.get("lowbit", backend="cuda", density=0.5, block_m=64, block_n=64)
+    assert est.estimate(q, k).num_heads == 2
+
+
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_gpu_int8_block_scores_big():
@@ -129,6 +157,21 @@ def test_gpu_int8_block_scores_big():
               k_scale=ks, window=(1, 1))
     torch.testing.assert_close(block_scores(qq, kq, pos, **kw),
                                block_scores_ref(qq, kq, pos, **kw), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_lowbit_cuda_and_triton_backends_agree():
+    from sparse_attn import _cuda
+
+    if not _cuda.available():
+        pytest.skip(f"CUDA extension {_cuda.status()}")
+    q, k = _planted(1, 8, 2, 4096, d=128, block=128)
+    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    lay = {b: estimators.get("lowbit", backend=b, mass=0.9).estimate(q, k)
+           for b in ("cuda", "triton")}
+    # same scores up to float rounding: the layouts differ at most on near ties
+    diff = (lay["cuda"].to_mask() != lay["triton"].to_mask()).float().mean().item()
+    assert diff < 0.01, diff
 
 
 @pytest.mark.gpu

@@ -14,10 +14,12 @@ relative score). 4-bit: ``bits=4`` is reserved for the CUDA path (int4 tensor co
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
 
+from .. import _cuda
 from ..layout import BlockLayout
 from .base import register
 from .proxy import estimate_block_scores, gather_rows, quantize_int8
@@ -26,6 +28,21 @@ from .select import BudgetEstimator, _is_int
 __all__ = ["LowBit"]
 
 BITS = (8,)
+BACKENDS = ("auto", "cuda", "triton")
+# key-block sizes where "auto" takes the CUDA int8 kernel (csrc/lowbit_qk.cu) over the Triton
+# one. None at present: H100, 128k, 32/8 heads, d=128, 16 rows per query block, same run
+# (2026-11-25): 128-key blocks Triton 20.4 ms vs CUDA 23.0 ms (before the Triton kernel's
+# speedups of that day: Triton 33.7 ms); 64-key blocks Triton 38 ms vs CUDA 49 ms
+CUDA_BLOCK_N: tuple = ()
+
+logger = logging.getLogger("sparse_attn")
+_fallback_logged: set = set()
+
+
+def _log_fallback_once(why: str) -> None:
+    if why not in _fallback_logged:
+        _fallback_logged.add(why)
+        logger.info("lowbit: Triton int8 block scores instead of the CUDA kernel (%s)", why)
 
 
 @register("lowbit")
@@ -49,6 +66,11 @@ class LowBit(BudgetEstimator):
             ``rows=block_m`` scores every row: SALE's full estimate, ``block_m / rows`` x the
             work of the default).
         bits: quantization width; only 8 here (4 needs the CUDA int4 path).
+        backend: int8 score kernel on the GPU: ``"auto"`` (default: the CUDA extension's
+            kernel, csrc/lowbit_qk.cu, where it is loaded, supports the shape (head dim 64/128)
+            and was measured faster (``block_n`` in ``CUDA_BLOCK_N``: none at present), else
+            the Triton kernel of kernels/estimate.py, said once at INFO), ``"cuda"`` (raise
+            when it cannot run) or ``"triton"``. CPU inputs always take the torch reference.
 
     Returns (from ``estimate``):
         A :class:`BlockLayout` with ``H = Hkv`` (``Hq`` with ``gqa_reduce="none"``).
@@ -60,6 +82,7 @@ class LowBit(BudgetEstimator):
 
     rows: int = 16
     bits: int = 8
+    backend: str = "auto"
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,6 +93,9 @@ class LowBit(BudgetEstimator):
         if self.bits not in BITS:
             raise ValueError(f"estimator {self.name!r}: bits must be one of {BITS} (4-bit needs "
                              f"the CUDA int4 path), got {self.bits!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"estimator {self.name!r}: backend must be one of {BACKENDS}, got "
+                             f"{self.backend!r}")
 
     def quantize(self, q_rows: torch.Tensor, k: torch.Tensor):
         """``(q_int, q_scale [B, Hq, NQB], k_int, k_scale [B, Hkv, NKB])``: the low-bit hook."""
@@ -83,8 +109,32 @@ class LowBit(BudgetEstimator):
         self._window(1, 1, seqlen_q, k.shape[2], causal, q.device)  # raises if it cannot fit
         q_rows, pos = gather_rows(q, self.block_m, self.rows)
         qq, qs, kq, ks = self.quantize(q_rows, k)
-        probs = estimate_block_scores(
-            qq, kq, pos, rows=self.rows, block_n=self.block_n, seqlen_q=seqlen_q,
-            causal=causal, scale=1.0 / math.sqrt(dim), q_scale=qs, k_scale=ks,
-            window=(self.sink_blocks, self.local_blocks))
+        kw = dict(rows=self.rows, block_n=self.block_n, seqlen_q=seqlen_q, causal=causal,
+                  scale=1.0 / math.sqrt(dim), q_scale=qs, k_scale=ks,
+                  window=(self.sink_blocks, self.local_blocks))
+        if self._use_cuda(qq, kq):
+            probs = _cuda.lowbit_block_scores(qq, kq, pos, **kw)
+        else:
+            probs = estimate_block_scores(qq, kq, pos, **kw)
         return self.select(probs, q, k, causal)
+
+    def _use_cuda(self, qq: torch.Tensor, kq: torch.Tensor) -> bool:
+        """Whether the int8 scores run on the CUDA kernel (see ``backend``)."""
+        if not qq.is_cuda or self.backend == "triton":
+            return False
+        ok = _cuda.lowbit_supported(qq, kq, rows=self.rows, block_n=self.block_n)
+        if self.backend == "cuda":
+            if not ok:
+                raise RuntimeError(
+                    f"estimator {self.name!r}: backend='cuda' needs the CUDA extension "
+                    f"({_cuda.status()['state']}: {_cuda.status()['detail']}), head dim in "
+                    f"{_cuda.LOWBIT_HEAD_DIMS} and block_n in {_cuda.LOWBIT_BLOCK_N}")
+            return True
+        if not ok:
+            _log_fallback_once(f"CUDA extension {_cuda.status()['state']} or shape not "
+                               f"supported: head dim {qq.shape[-1]}, block_n {self.block_n}")
+            return False
+        if self.block_n not in CUDA_BLOCK_N:
+            _log_fallback_once(f"block_n={self.block_n}: the Triton kernel was measured faster")
+            return False
+        return True
