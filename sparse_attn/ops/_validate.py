@@ -82,8 +82,12 @@ def check_threshold(softmax_threshold, *, op: str) -> float | None:
     return float(softmax_threshold)
 
 
-def choose_backend(backend: str, device: torch.device, *, op: str) -> str:
-    """'triton' on CUDA (or on CPU under TRITON_INTERPRET=1), else 'torch' (the reference)."""
+def choose_backend(backend: str, device: torch.device, *, op: str,
+                   softmax_threshold: float | None = None) -> str:
+    """'triton' on CUDA (or on CPU under TRITON_INTERPRET=1), else 'torch' (the reference).
+
+    The torch reference computes exact attention: a ``softmax_threshold`` is logged (once) as
+    ignored there rather than silently dropped."""
     accepted = ("auto", "triton", "torch")
     if backend not in accepted:
         raise ValueError(f"{op}: backend must be one of {accepted}, got {backend!r}")
@@ -92,9 +96,11 @@ def choose_backend(backend: str, device: torch.device, *, op: str) -> str:
         raise ValueError(
             f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
             f"got tensors on {device}")
-    if backend != "auto":
-        return backend
-    if device.type == "cuda" or interpret:
-        return "triton"
-    log_once(f"{op}-cpu", f"{op}: tensors on {device}; running the pure-torch reference")
-    return "torch"
+    chosen = backend if backend != "auto" else (
+        "triton" if device.type == "cuda" or interpret else "torch")
+    if chosen == "torch" and backend == "auto":
+        log_once(f"{op}-cpu", f"{op}: tensors on {device}; running the pure-torch reference")
+    if chosen == "torch" and softmax_threshold:
+        log_once(f"{op}-threshold", f"{op}: the torch reference computes exact attention; "
+                 f"softmax_threshold={softmax_threshold} is ignored on this path")
+    return chosen

@@ -65,7 +65,8 @@ def block_sparse_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         softmax_threshold: BLASST skipping: a key tile whose every score satisfies
             ``exp(s - running_max) < softmax_threshold`` skips its exponentials, V load and P.V.
-            ``None``/``0`` computes every listed tile exactly.
+            ``None``/``0`` computes every listed tile exactly. The torch backend (CPU) always
+            computes exactly and logs once that the threshold is ignored.
         return_lse: also return the log-sum-exp ``[B, Hq, Sq]`` (float32, natural log;
             ``-inf`` for rows with nothing to attend, whose output is 0).
         return_skipped: also return the fraction of visited tiles skipped by the threshold
@@ -89,7 +90,8 @@ def block_sparse_attention(
     scale = check_scale(scale, q.shape[-1], op=_OP)
     softmax_threshold = check_threshold(softmax_threshold, op=_OP)
     check_layout(layout, q, k, op=_OP, check_indices=check_indices)
-    chosen = choose_backend(backend, q.device, op=_OP)
+    chosen = choose_backend(backend, q.device, op=_OP,
+                            softmax_threshold=softmax_threshold)
 
     if chosen == "torch":
         out, lse = block_sparse_attention_ref(q, k, v, layout, causal=causal, scale=scale)

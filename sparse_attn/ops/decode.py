@@ -220,7 +220,8 @@ def decode_attention(
                             block_table=block_table, capacity=capacity, n_blocks=n_blocks,
                             num_pages=k_cache.shape[0] if block_table is not None else None,
                             block_size=block_size)
-    chosen = choose_backend(backend, q.device, op=_OP)
+    chosen = choose_backend(backend, q.device, op=_OP,
+                            softmax_threshold=softmax_threshold)
     if chosen == "torch":
         out, lse = decode_attention_ref(
             q, k_cache, v_cache, block_indices=block_indices, cache_seqlens=cache_seqlens,
