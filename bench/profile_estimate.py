@@ -38,12 +38,15 @@ COLUMNS = [("method", "method", None), ("budget", "budget", None), ("config", "c
            ("note", "note", None)]
 # anchor launch configs tried by --sweep (kernels/stripe_estimate.CONFIG overrides)
 SWEEP = (
+    {"select_splits": 4},
+    {"select_splits": 8},
+    {"select_splits": 8, "search_splits": 4},
     {"search_rows": 64},
-    {"search_rows": 64, "search_block_k": 64},
     {"long_stride": 16},
-    {"search_rows": 64, "long_stride": 16},
     {"select_rows": 128, "select_warps": 8},
-    {"search_rows": 64, "long_stride": 16, "select_rows": 128, "select_warps": 8},
+    {"select_rows": 32, "select_splits": 8},
+    {"search_rows": 64, "search_block_k": 64},
+    {"search_rows": 64, "search_splits": 4, "long_stride": 16, "select_splits": 8},
 )
 
 

@@ -12,6 +12,11 @@
   or (``MODE=1``) keeps the candidates with ``diff >= threshold`` and writes their positions
   compacted, in increasing order, with a running count.
 
+``CONFIG`` sets the launches; with ``search_splits`` / ``select_splits`` > 1 the keys are split
+over a third grid axis (shorter serial loops for the late query blocks): the search passes add
+the splits' sums in torch, the selection first counts per split (``MODE=2``) and then writes
+each split from its exclusive prefix.
+
 A budget other than ``theta`` becomes a per-block threshold by an ``NT``-ary search (three
 ``MODE=0`` passes, optionally over a strided sample of the keys; the arithmetic between passes is
 torch on the device, no host synchronisation). The threshold is the lower edge of the finest
@@ -37,7 +42,7 @@ _MAX_EXP = 30.0  # exp(diff) is clamped here (a pooled score far above its ancho
 # search samples every _LONG_STRIDE-th key beyond _LONG_KEYS keys
 CONFIG = {"search_rows": 16, "search_block_k": 32, "search_warps": 4,
           "select_rows": 64, "select_block_k": 64, "select_warps": 4,
-          "long_keys": 16384, "long_stride": 8}
+          "long_keys": 16384, "long_stride": 8, "search_splits": 1, "select_splits": 1}
 
 
 @triton.jit
@@ -97,17 +102,19 @@ def _anchor_pool_kernel(
 
 @triton.jit
 def _stripe_scan_kernel(
-    QBAR, ABAR, K, THR, LOWS, MASS, COUNTS, INDICES,
+    QBAR, ABAR, K, THR, LOWS, MASS, COUNTS, INDICES, SPLIT_COUNTS,
     stride_kb, stride_kh, stride_ks,
     num_out_heads, num_q_heads, group, kv_group, seqlen_q, seqlen_k, num_k_blocks, sink_blocks,
-    local_blocks, max_columns, scale, step,
+    local_blocks, max_columns, scale, step, split_len,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GP: tl.constexpr, QB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NT: tl.constexpr,
     KEY_STRIDE: tl.constexpr, IS_CAUSAL: tl.constexpr, MODE: tl.constexpr,
-    WEIGHTED: tl.constexpr, MAX_EXP: tl.constexpr,
+    WEIGHTED: tl.constexpr, MAX_EXP: tl.constexpr, NSPLIT: tl.constexpr,
 ):
-    # QB query blocks x GP heads of a group share every K tile: QB * GP pooled rows per dot
+    # QB query blocks x GP heads of a group share every K tile: QB * GP pooled rows per dot;
+    # program_id(2) takes the keys [split * split_len, (split + 1) * split_len) of NSPLIT
     pid_m = tl.program_id(0)
+    pid_s = tl.program_id(2)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_out_heads
     ho = pid_bh % num_out_heads
@@ -134,10 +141,12 @@ def _stripe_scan_kernel(
     else:
         limit = tl.zeros([QB], tl.int32) + seqlen_k
     limit = tl.where(m_qb, limit, 0)
-    hi = tl.max(limit, axis=0)
+    k_lo = pid_s * split_len
+    hi = tl.minimum(tl.max(limit, axis=0), k_lo + split_len)
     out_row = pid_bh * nqb + offs_qb  # [QB]
+    split_row = out_row * NSPLIT + pid_s
     offs_t = tl.arange(0, NT)
-    if MODE == 1:
+    if MODE != 0:
         thr = tl.load(THR + out_row, mask=m_qb, other=float("inf"))
     else:
         low = tl.load(LOWS + out_row, mask=m_qb, other=0.0)
@@ -145,9 +154,12 @@ def _stripe_scan_kernel(
     acc = tl.zeros([QB, NT], tl.float32)
     forced_total = tl.zeros([QB], tl.float32)
     cand_total = tl.zeros([QB], tl.float32)
-    count = tl.zeros([QB], tl.int32)
+    if MODE == 1 and NSPLIT > 1:  # this split's first slot (MODE=2 counted the splits)
+        count = tl.load(SPLIT_COUNTS + split_row, mask=m_qb, other=0)
+    else:
+        count = tl.zeros([QB], tl.int32)
     k_base = K + b * stride_kb + hk * stride_kh
-    for start in range(0, hi, BLOCK_K * KEY_STRIDE):
+    for start in range(k_lo, hi, BLOCK_K * KEY_STRIDE):
         offs_k = start + tl.arange(0, BLOCK_K) * KEY_STRIDE  # a strided sample when > 1
         b_k = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
                       mask=(offs_k < hi)[:, None] & m_d[None, :], other=0.0)
@@ -170,6 +182,8 @@ def _stripe_scan_kernel(
             # candidate weight at or above each of the NT thresholds
             above = (diff[:, :, None] >= thrs[:, None, :]) & cand[:, :, None]
             acc += tl.sum(tl.where(above, w[:, :, None], 0.0), axis=1)
+        elif MODE == 2:  # count only
+            count += tl.sum((cand & (diff >= thr[:, None])).to(tl.int32), axis=1)
         else:
             sel = cand & (diff >= thr[:, None])
             pos = count[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1
@@ -178,11 +192,13 @@ def _stripe_scan_kernel(
                      mask=sel & (pos < max_columns) & m_qb[:, None])
             count += tl.sum(sel.to(tl.int32), axis=1)
     if MODE == 0:
-        base = MASS + out_row * (NT + 2)
+        base = MASS + split_row * (NT + 2)
         tl.store(base[:, None] + offs_t[None, :], acc, mask=m_qb[:, None])
         tl.store(base + NT, forced_total, mask=m_qb)
         tl.store(base + NT + 1, cand_total, mask=m_qb)
-    else:
+    elif MODE == 2:
+        tl.store(SPLIT_COUNTS + split_row, count, mask=m_qb)
+    elif NSPLIT == 1:
         tl.store(COUNTS + out_row, tl.minimum(count, max_columns), mask=m_qb)
 
 
@@ -233,8 +249,12 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
     # pooled rows per program (CONFIG): the selection pass reads each K tile once for
     # select_rows rows; the search passes use fewer, their [QB, BLOCK_K, NT] compare is larger
     rows = {0: CONFIG["search_rows"], 1: CONFIG["select_rows"]}
-    block_k = {0: CONFIG["search_block_k"], 1: CONFIG["select_block_k"]}
-    warps = {0: CONFIG["search_warps"], 1: CONFIG["select_warps"]}
+    rows[2] = rows[1]
+    block_k = {0: CONFIG["search_block_k"], 1: CONFIG["select_block_k"],
+               2: CONFIG["select_block_k"]}
+    warps = {0: CONFIG["search_warps"], 1: CONFIG["select_warps"], 2: CONFIG["select_warps"]}
+    splits = {0: CONFIG["search_splits"], 1: CONFIG["select_splits"],
+              2: CONFIG["select_splits"]}
     counts = torch.empty(batch, heads, nqb, device=q.device, dtype=torch.int32)
     indices = torch.full((batch, heads, nqb, max_columns), -1, device=q.device,
                          dtype=torch.int32)
@@ -243,29 +263,35 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
     else:
         stride = sample_stride
 
-    def scan(mode: int, thr=None, lows=None, sums=None, step=0.0, weighted=False):
+    def scan(mode: int, thr=None, lows=None, sums=None, step=0.0, weighted=False,
+             split_counts=None):
         dummy = abar
         qb = max(1, rows[mode] // gp)
-        _stripe_scan_kernel[(triton.cdiv(nqb, qb), batch * heads)](
+        tile = block_k[mode] * (1 if mode else stride)
+        # each split a whole number of (strided) tiles: the same keys as one program reads
+        split_len = triton.cdiv(triton.cdiv(sk, splits[mode]), tile) * tile
+        _stripe_scan_kernel[(triton.cdiv(nqb, qb), batch * heads, splits[mode])](
             qbar, abar, k, dummy if thr is None else thr, dummy if lows is None else lows,
             dummy if sums is None else sums, counts, indices,
+            dummy if split_counts is None else split_counts,
             k.stride(0), k.stride(1), k.stride(2), heads, hq, group, hq // hkv, sq, sk, nkb,
-            sink_blocks, local_blocks, max_columns, scale, step,
+            sink_blocks, local_blocks, max_columns, scale, step, split_len,
             HEAD_DIM=dim, D_PAD=d_pad, GP=gp, QB=qb, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=block_k[mode], NT=_NUM_THRESHOLDS,
-            KEY_STRIDE=1 if mode == 1 else stride, IS_CAUSAL=causal, MODE=mode,
-            WEIGHTED=weighted, MAX_EXP=_MAX_EXP, num_warps=warps[mode])
+            KEY_STRIDE=1 if mode else stride, IS_CAUSAL=causal, MODE=mode,
+            WEIGHTED=weighted, MAX_EXP=_MAX_EXP, NSPLIT=splits[mode], num_warps=warps[mode])
 
     if theta is not None:
         thr = torch.full((batch, heads, nqb), -float(theta), device=q.device)
     else:
         nt = _NUM_THRESHOLDS
-        sums = torch.empty(batch, heads, nqb, nt + 2, device=q.device)
+        split_sums = torch.empty(batch, heads, nqb, splits[0], nt + 2, device=q.device)
         lows = torch.full((batch, heads, nqb), _SEARCH_LOW, device=q.device)
         step = _SEARCH_SPAN / nt
         target = below_all = None
         for _ in range(_SEARCH_LEVELS):
-            scan(0, lows=lows, sums=sums, step=step, weighted=mass is not None)
+            scan(0, lows=lows, sums=split_sums, step=step, weighted=mass is not None)
+            sums = split_sums.sum(-2)
             if target is None:
                 forced, total = sums[..., nt], sums[..., nt + 1]
                 target = (mass * (forced + total) - forced if mass is not None else
@@ -279,5 +305,15 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
             step = step / nt
         thr = torch.where(below_all, float("-inf"), lows)
         thr = torch.where(target <= 0, float("inf"), thr)
-    scan(1, thr=thr.contiguous())
+    thr = thr.contiguous()
+    if splits[1] > 1:  # count per split, then each split writes from its first slot
+        per_split = torch.empty(batch, heads, nqb, splits[1], device=q.device,
+                                dtype=torch.int32)
+        scan(2, thr=thr, split_counts=per_split)
+        total = per_split.sum(-1, dtype=torch.int32)
+        counts.copy_(total.clamp(max=max_columns))
+        scan(1, thr=thr, split_counts=(per_split.cumsum(-1, dtype=torch.int32)
+                                       - per_split).contiguous())
+    else:
+        scan(1, thr=thr)
     return counts, indices

@@ -112,11 +112,12 @@ def test_budget_kernel_covers_torch(case, budget):
     assert (c & ~a).sum() <= max(2 * rows, 0.03 * a.sum().item())
 
 
-
 @pytest.mark.parametrize("config", [
     dict(search_rows=64, search_block_k=64, select_rows=128, select_block_k=64),
     dict(search_rows=32, long_keys=128, long_stride=4),
-], ids=["wide", "sampled"])
+    dict(search_splits=3, select_splits=4, select_block_k=32),
+    dict(search_splits=2, select_splits=3, long_keys=128, long_stride=2),
+], ids=["wide", "sampled", "split", "split-sampled"])
 def test_kernel_launch_configs(config, monkeypatch):
     """The CONFIG variants bench/profile_estimate.py sweeps give valid layouts that agree with
     the default launch (sampling the search changes the threshold, not the validity)."""
@@ -129,8 +130,8 @@ def test_kernel_launch_configs(config, monkeypatch):
     out.validate(300, 300)
     a = _columns(base.col_counts, base.col_indices, 300)
     c = _columns(out.col_counts, out.col_indices, 300)
-    if "long_stride" not in config:
-        assert torch.equal(a, c)
+    if "long_stride" not in config:  # splits and tiles only reorder the same sums
+        assert (a ^ c).sum() <= 2
     else:
         assert (a ^ c).float().mean() < 0.1
 
