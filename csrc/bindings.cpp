@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "sparse_attn.h"
 
 namespace sparse_attn {
@@ -16,58 +18,98 @@ namespace {
 #define SA_CHECK_CUDA(call, kernel)                                                       \
   do {                                                                                   \
     const cudaError_t sa_err_ = (call);                                                  \
-    TORCH_CHECK(sa_err_ == cudaSuccess, "sparse_attn CUDA kernel ", kernel, " failed: ", \
-                cudaGetErrorString(sa_err_));                                            \
+    TORCH_CHECK(sa_err_ == cudaSuccess, std::string("sparse_attn CUDA kernel ") + kernel + \
+                                            " failed: " + cudaGetErrorString(sa_err_));  \
   } while (0)
+
+// Error messages are built as one std::string, numbers through std::to_string: never insert a
+// number into TORCH_CHECK's message stream here. In the JIT build of this library on the H100
+// image (torch 2.11+cu130) that insertion crashed the process (SIGSEGV inside the copy of
+// std::basic_ostream::_M_insert<long> emitted into the library) instead of raising, so every
+// check whose message held an integer or a double (row tables, mass, sizes) segfaulted.
+std::string text(int64_t v) { return std::to_string(v); }
+std::string text(double v) { return std::to_string(v); }
+std::string text(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+std::string text(at::ScalarType t) { return c10::toString(t); }
+std::string text(const at::Device& d) { return d.str(); }
 
 // An optional uint8/bool [n, nkb] row table broadcast over `rows` (read at row % n).
 const uint8_t* row_table(const c10::optional<at::Tensor>& t, const at::Tensor& probs,
                          const char* name, int64_t* n) {
   *n = 1;
-  if (!t.has_value()) return nullptr;
+  if (!t.has_value() || !t->defined()) return nullptr;
   const at::Tensor& x = *t;
-  TORCH_CHECK(x.is_cuda() && x.device() == probs.device(), "select_blocks: ", name,
-              " must be on the device of probs");
-  TORCH_CHECK(x.scalar_type() == at::kBool || x.scalar_type() == at::kByte, "select_blocks: ",
-              name, " must be bool or uint8, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == probs.size(1) && x.is_contiguous(),
-              "select_blocks: ", name, " must be contiguous [n, nkb] with nkb = ", probs.size(1));
-  TORCH_CHECK(x.size(0) >= 1 && probs.size(0) % x.size(0) == 0, "select_blocks: ", name,
-              " rows (", x.size(0), ") must divide the rows of probs (", probs.size(0), ")");
+  const std::string what = std::string("select_blocks: ") + name;
+  TORCH_CHECK(x.layout() == at::kStrided, what + " must be a dense tensor");
+  TORCH_CHECK(x.is_cuda() && x.device() == probs.device(),
+              what + " must be on " + text(probs.device()) + ", got " + text(x.device()));
+  TORCH_CHECK(x.scalar_type() == at::kBool || x.scalar_type() == at::kByte,
+              what + " must be bool or uint8, got " + text(x.scalar_type()));
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == probs.size(1),
+              what + " must be [n, nkb] with nkb = " + text(probs.size(1)) + ", got " +
+                  text(x.sizes()));
+  TORCH_CHECK(x.is_contiguous(), what + " must be contiguous");
+  TORCH_CHECK(x.size(0) >= 1 && probs.size(0) % x.size(0) == 0,
+              what + " rows (" + text(x.size(0)) + ") must divide the rows of probs (" +
+                  text(probs.size(0)) + ")");
   *n = x.size(0);
   return reinterpret_cast<const uint8_t*>(x.data_ptr());
+}
+
+// An optional int32 [n] per-row count table broadcast over `rows` (read at row % n).
+const int32_t* count_table(const c10::optional<at::Tensor>& t, const at::Tensor& probs,
+                           int64_t* n) {
+  *n = 1;
+  if (!t.has_value() || !t->defined()) return nullptr;
+  const at::Tensor& c = *t;
+  TORCH_CHECK(c.layout() == at::kStrided, "select_blocks: count must be a dense tensor");
+  TORCH_CHECK(c.is_cuda() && c.device() == probs.device(),
+              "select_blocks: count must be on " + text(probs.device()) + ", got " +
+                  text(c.device()));
+  TORCH_CHECK(c.scalar_type() == at::kInt,
+              "select_blocks: count must be int32, got " + text(c.scalar_type()));
+  TORCH_CHECK(c.dim() == 1 && c.is_contiguous(),
+              "select_blocks: count must be a contiguous 1-d tensor, got " + text(c.sizes()));
+  TORCH_CHECK(c.size(0) >= 1 && probs.size(0) % c.size(0) == 0,
+              "select_blocks: count rows (" + text(c.size(0)) + ") must divide the rows of " +
+                  "probs (" + text(probs.size(0)) + ")");
+  *n = c.size(0);
+  return c.data_ptr<int32_t>();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(
     const at::Tensor& probs, const c10::optional<at::Tensor>& valid,
     const c10::optional<at::Tensor>& keep, const c10::optional<at::Tensor>& count, double mass) {
-  TORCH_CHECK(probs.is_cuda(), "select_blocks: probs must be a CUDA tensor");
-  TORCH_CHECK(probs.scalar_type() == at::kFloat, "select_blocks: probs must be float32, got ",
-              probs.scalar_type());
-  TORCH_CHECK(probs.dim() == 2 && probs.is_contiguous(),
-              "select_blocks: probs must be contiguous [rows, nkb]");
+  // every check before any device call (the guard included): bad input raises, never launches
+  TORCH_CHECK(probs.defined() && probs.layout() == at::kStrided,
+              "select_blocks: probs must be a dense tensor");
+  TORCH_CHECK(probs.is_cuda(), "select_blocks: probs must be a CUDA tensor, got " +
+                                   text(probs.device()));
+  TORCH_CHECK(probs.scalar_type() == at::kFloat,
+              "select_blocks: probs must be float32, got " + text(probs.scalar_type()));
+  TORCH_CHECK(probs.dim() == 2,
+              "select_blocks: probs must be [rows, nkb], got " + text(probs.sizes()));
+  TORCH_CHECK(probs.is_contiguous(), "select_blocks: probs must be contiguous");
   const int64_t rows = probs.size(0);
   const int64_t nkb = probs.size(1);
-  TORCH_CHECK(nkb <= kSelectMaxBlocks, "select_blocks: at most ", kSelectMaxBlocks,
-              " key blocks per row, got ", nkb);
-  c10::cuda::CUDAGuard guard(probs.device());
-  int64_t valid_rows, keep_rows;
+  TORCH_CHECK(nkb <= kSelectMaxBlocks, "select_blocks: at most " +
+                                           text(int64_t{kSelectMaxBlocks}) +
+                                           " key blocks per row, got " + text(nkb));
+  TORCH_CHECK(rows <= int64_t{0x7fffffff},
+              "select_blocks: at most 2^31 - 1 rows (one CTA each), got " + text(rows));
+  int64_t valid_rows, keep_rows, count_rows;
   const uint8_t* valid_ptr = row_table(valid, probs, "valid", &valid_rows);
   const uint8_t* keep_ptr = row_table(keep, probs, "keep", &keep_rows);
-  const int32_t* count_ptr = nullptr;
-  int64_t count_rows = 1;
-  if (count.has_value()) {
-    const at::Tensor& c = *count;
-    TORCH_CHECK(c.is_cuda() && c.device() == probs.device() && c.scalar_type() == at::kInt &&
-                    c.dim() == 1 && c.is_contiguous() && c.size(0) >= 1 &&
-                    rows % c.size(0) == 0,
-                "select_blocks: count must be a contiguous int32 [n] CUDA tensor with n "
-                "dividing the rows of probs");
-    count_ptr = c.data_ptr<int32_t>();
-    count_rows = c.size(0);
-  } else {
-    TORCH_CHECK(mass > 0.0 && mass <= 1.0, "select_blocks: mass must lie in (0, 1], got ", mass);
+  const int32_t* count_ptr = count_table(count, probs, &count_rows);
+  if (count_ptr == nullptr) {
+    TORCH_CHECK(mass > 0.0 && mass <= 1.0,
+                "select_blocks: mass must lie in (0, 1], got " + text(mass));
   }
+  c10::cuda::CUDAGuard guard(probs.device());
   auto mask = at::empty({rows, nkb}, probs.options().dtype(at::kBool));
   auto indices = at::empty({rows, nkb}, probs.options().dtype(at::kInt));
   auto counts = at::empty({rows}, probs.options().dtype(at::kInt));
@@ -83,12 +125,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_blocks_cuda(
 
 void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype,
                        int64_t dim, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "lowbit_block_scores: ", name,
-              " must be on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "lowbit_block_scores: ", name, " must be ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), "lowbit_block_scores: ", name,
-              " must be a contiguous ", dim, "-d tensor");
+  const std::string what = std::string("lowbit_block_scores: ") + name;
+  TORCH_CHECK(t.layout() == at::kStrided, what + " must be a dense tensor");
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(),
+              what + " must be on " + text(ref.device()) + ", got " + text(t.device()));
+  TORCH_CHECK(t.scalar_type() == dtype,
+              what + " must be " + text(dtype) + ", got " + text(t.scalar_type()));
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(),
+              what + " must be a contiguous " + text(dim) + "-d tensor, got " + text(t.sizes()));
 }
 
 at::Tensor lowbit_block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -104,19 +148,26 @@ at::Tensor lowbit_block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
   const int64_t batch = q.size(0), heads = q.size(1), nrows = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), seqlen_k = k.size(2);
   TORCH_CHECK(k.size(0) == batch && k.size(3) == dim && kv_heads >= 1 && heads % kv_heads == 0,
-              "lowbit_block_scores: k must be [B, Hkv, Sk, D] with Hkv dividing H");
-  TORCH_CHECK(dim == 64 || dim == 128, "lowbit_block_scores: head dim 64 or 128, got ", dim);
-  TORCH_CHECK(block_n == 64 || block_n == 128, "lowbit_block_scores: block_n 64 or 128, got ",
-              block_n);
+              "lowbit_block_scores: k must be [B, Hkv, Sk, D] with Hkv dividing H, got q " +
+                  text(q.sizes()) + " and k " + text(k.sizes()));
+  TORCH_CHECK(dim == 64 || dim == 128, "lowbit_block_scores: head dim 64 or 128, got " +
+                                           text(dim));
+  TORCH_CHECK(block_n == 64 || block_n == 128,
+              "lowbit_block_scores: block_n 64 or 128, got " + text(block_n));
   TORCH_CHECK(rows >= 1 && rows <= 128 && (rows & (rows - 1)) == 0 && nrows % rows == 0,
-              "lowbit_block_scores: rows must be a power of two <= 128 dividing ", nrows);
+              "lowbit_block_scores: rows must be a power of two <= 128 dividing " +
+                  text(nrows) + ", got " + text(rows));
   const int64_t nqb = nrows / rows;
   const int64_t nkb = (seqlen_k + block_n - 1) / block_n;
   TORCH_CHECK(q_scale.size(0) == batch && q_scale.size(1) == heads && q_scale.size(2) == nqb,
-              "lowbit_block_scores: q_scale must be [B, H, nrows / rows]");
+              "lowbit_block_scores: q_scale must be [B, H, nrows / rows] = [" + text(batch) +
+                  ", " + text(heads) + ", " + text(nqb) + "], got " + text(q_scale.sizes()));
   TORCH_CHECK(k_scale.size(0) == batch && k_scale.size(1) == kv_heads && k_scale.size(2) == nkb,
-              "lowbit_block_scores: k_scale must be [B, Hkv, ceil(Sk / block_n)]");
-  TORCH_CHECK(row_pos.size(0) == nrows, "lowbit_block_scores: row_pos must be [nrows]");
+              "lowbit_block_scores: k_scale must be [B, Hkv, ceil(Sk / block_n)] = [" +
+                  text(batch) + ", " + text(kv_heads) + ", " + text(nkb) + "], got " +
+                  text(k_scale.sizes()));
+  TORCH_CHECK(row_pos.size(0) == nrows, "lowbit_block_scores: row_pos must be [nrows] = [" +
+                                            text(nrows) + "], got " + text(row_pos.sizes()));
   TORCH_CHECK(seqlen_k < (int64_t{1} << 31) && nrows < (int64_t{1} << 31) &&
                   batch * heads < 65536,
               "lowbit_block_scores: sizes beyond the kernel's 32-bit indexing");

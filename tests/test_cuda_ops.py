@@ -158,12 +158,33 @@ def test_select_graph_capture_and_opcheck(ext):
 
 @gpu
 def test_select_bad_input_names_kernel(ext):
-    with pytest.raises(RuntimeError, match="select_blocks"):
-        ext.select_blocks(torch.rand(4, 8, device="cuda", dtype=torch.float64), None, None, None,
-                          0.5)
-    with pytest.raises(RuntimeError, match="select_blocks"):
-        ext.select_blocks(torch.rand(4, 8, device="cuda"), torch.ones(3, 8, device="cuda",
-                          dtype=torch.bool), None, None, 0.5)
+    """Every bad input raises a RuntimeError naming the op (messages with numbers included: the
+    binding once segfaulted formatting them)."""
+    probs = torch.rand(4, 8, device="cuda")
+    table = lambda *s: torch.ones(*s, device="cuda", dtype=torch.bool)  # noqa: E731
+    count = lambda *s: torch.ones(*s, device="cuda", dtype=torch.int32)  # noqa: E731
+    bad = [
+        ((probs.double(), None, None, None, 0.5), "float32"),
+        ((probs[None], None, None, None, 0.5), r"\[rows, nkb\], got \[1, 4, 8\]"),
+        ((probs.t(), None, None, None, 0.5), "contiguous"),
+        ((probs, table(3, 8), None, None, 0.5), r"valid rows \(3\) must divide .* \(4\)"),
+        ((probs, table(4, 7), None, None, 0.5), r"nkb = 8, got \[4, 7\]"),
+        ((probs, table(0, 8), None, None, 0.5), "valid rows"),
+        ((probs, table(8, 4).t(), None, None, 0.5), "valid must be contiguous"),
+        ((probs, table(4, 8).int(), None, None, 0.5), "bool or uint8, got Int"),
+        ((probs, table(4, 8).cpu(), None, None, 0.5), "valid must be on cuda"),
+        ((probs, None, table(3, 8), None, 0.5), r"keep rows \(3\)"),
+        ((probs, None, None, count(3), 1.0), r"count rows \(3\)"),
+        ((probs, None, None, count(4).long(), 1.0), "int32, got Long"),
+        ((probs, None, None, count(4, 1), 1.0), "1-d"),
+        ((probs, None, None, None, 0.0), "mass must lie in"),
+        ((probs, None, None, None, 1.5), "mass must lie in"),
+        ((probs, None, None, None, float("nan")), "mass must lie in"),
+        ((torch.rand(2, 40000, device="cuda"), None, None, None, 0.5), "at most 32768"),
+    ]
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match="select_blocks: .*" + match):
+            ext.select_blocks(*args)
 
 
 # ---- int8 low-bit block scores -------------------------------------------------------------
@@ -278,3 +299,9 @@ def test_lowbit_bad_input_names_kernel(ext):
                                 torch.ones(1, 2, 1, device="cuda"),
                                 torch.arange(32, device="cuda"), 16, 64, 32, True, 0.125, 1, 1,
                                 True)  # row_pos int64: rejected by the binding
+    with pytest.raises(RuntimeError, match="lowbit_block_scores: head dim 64 or 128, got 32"):
+        q32 = qq[..., :32].contiguous()
+        ext.lowbit_block_scores(q32, q32, torch.ones(1, 2, 2, device="cuda"),
+                                torch.ones(1, 2, 1, device="cuda"),
+                                torch.arange(32, device="cuda", dtype=torch.int32), 16, 64, 32,
+                                True, 0.125, 1, 1, True)
