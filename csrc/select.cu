@@ -4,7 +4,8 @@
 // order-preserving uint32 (the bits of a non-negative float, + 1 so that 0 means "not a
 // candidate"); four MSB-first 8-bit passes find the threshold key T of the budget from
 // histograms of counts (top-k) or of fixed-point probability sums (mass: integer shared-memory
-// atomics, an exact integer scan), then one ordered pass writes the
+// atomics, an exact integer scan; weights p * 2^e with a power-of-two scale, so dyadic
+// probabilities and their sums are exact), then one ordered pass writes the
 // mask and the ascending index list with a block scan. Ties at T are taken lowest index first.
 //
 // Matches sparse_attn.estimators.select.select_blocks (the torch reference):
@@ -51,15 +52,40 @@ struct BinSum {
   }
 };
 
-// mass budget in fixed point: a candidate's weight is round(p / (sum of candidates) * 2^30), so
-// a row's weights sum to <= 2^30 + nkb and the histograms use native integer shared atomics
-constexpr float kFixedOne = 1073741824.f;  // 2^30
+// mass budget in fixed point: a candidate's weight is round(p * 2^e), with e the largest
+// exponent for which the sum of candidates stays below 2^30. A row's weights then sum to at
+// most about 2^30 + nkb / 2, so the histograms use native integer shared atomics. Scaling by a
+// power of two is exact (no per-weight division, whose rounding, and a float32 target
+// short_of / cand * 2^30 with 24-bit precision, moved the cut by a block in ~1% of the rows of
+// tie-heavy inputs), and so is the target need = ceil(short_of * 2^e): the cut S_j < need
+// agrees exactly with the torch path's float test whenever the probabilities and their running
+// sums are exact in fp32 (e.g. quantised scores), otherwise each weight is off by at most half a
+// unit (2^-30 of the candidates' sum).
+struct FixedScale {
+  float lo, hi;  // 2^e = lo * hi, each factor a normal float for every finite cand > 0
+};
+
+__device__ __forceinline__ float pow2f(int n) {  // n in [-126, 127]
+  return __int_as_float((n + 127) << 23);
+}
+
+// cand in (0, FLT_MAX]: e = 30 - x with cand = m * 2^x, m in [0.5, 1), so cand * 2^e lies in
+// [2^29, 2^30); e in [-98, 178] is split into two factors within the normal exponent range
+__device__ __forceinline__ FixedScale fixed_scale(float cand) {
+  int x;
+  frexpf(cand, &x);
+  const int e = 30 - x;
+  const int lo = e / 2;
+  return {pow2f(lo), pow2f(e - lo)};
+}
+
+// p * 2^e, two exact multiplications (products of p <= cand stay <= 2^30: no overflow)
+__device__ __forceinline__ float to_fixed(float p, FixedScale s) { return (p * s.lo) * s.hi; }
 
 __device__ __forceinline__ float key_value(uint32_t key) { return __uint_as_float(key - 1u); }
 
-// p <= cand, so the quotient stays in [0, 1] even for denormal rows
-__device__ __forceinline__ uint32_t fixed_weight(uint32_t key, float cand) {
-  return __float2uint_rn(key_value(key) / cand * kFixedOne);
+__device__ __forceinline__ uint32_t fixed_weight(uint32_t key, FixedScale s) {
+  return __float2uint_rn(to_fixed(key_value(key), s));
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -114,19 +140,25 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
   uint32_t need = 0u;
   uint32_t threshold = 0xffffffffu;  // keys above it are taken, ties up to `take_ties`
   const float cand = stats.cand;
+  FixedScale scale{1.f, 1.f};
   if (by_count) {
     const int extra = max(count[row % count_rows] - stats.nkeep, 0);
     need = static_cast<uint32_t>(min(extra, stats.ncand));
   } else if (mass >= 1.f) {
     threshold = 1u;  // every candidate with p > 0
   } else {
-    const float short_of = mass * stats.total - stats.forced;  // mass the ranked keys must add
+    // mass the ranked keys must add; rounded like the torch path (target = mass * total, then
+    // compared with forced + running sum): __fmul_rn keeps nvcc from contracting this into one
+    // fma, whose single rounding moved the cut by a block on exact ties (~0.25% of the rows)
+    const float short_of = __fsub_rn(__fmul_rn(mass, stats.total), stats.forced);
     if (short_of > 0.f && stats.ncand > 0) {
       if (short_of >= cand) {
         threshold = 1u;  // all of them (a rounding-level shortfall included)
       } else {
-        // block j is taken while the mass before it is short: S_j < need (integers)
-        need = max(1u, static_cast<uint32_t>(ceilf(short_of / cand * kFixedOne)));
+        // block j is taken while the mass before it is short: S_j < need (integers);
+        // 0 < short_of < cand <= FLT_MAX here, so the scale is finite and need <= 2^30
+        scale = fixed_scale(cand);
+        need = max(1u, static_cast<uint32_t>(ceilf(to_fixed(short_of, scale))));
       }
     }
   }
@@ -149,7 +181,7 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
         if (key >= min_key && (key & high) == prefix) {
           const int digit = (key >> shift) & ((1 << kRadixBits) - 1);
           atomicAdd(&hist_count[digit], 1u);
-          if (!by_count) atomicAdd(&hist_weight[digit], fixed_weight(key, cand));
+          if (!by_count) atomicAdd(&hist_weight[digit], fixed_weight(key, scale));
         }
       }
       __syncthreads();
@@ -191,7 +223,7 @@ select_blocks_kernel(const float* __restrict__ probs, const uint8_t* __restrict_
       take_ties = rem;
     } else {
       // tie j (0-based) is taken while the weight before it is short: S + j * w < need
-      const uint32_t w = fixed_weight(threshold, cand);
+      const uint32_t w = fixed_weight(threshold, scale);
       take_ties = w == 0u ? s_tie_count : min(s_tie_count, (rem + w - 1u) / w);
     }
   }
