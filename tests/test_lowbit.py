@@ -8,7 +8,7 @@ from sparse_attn.estimators import proxy as proxy_mod
 from sparse_attn.estimators.metrics import attention_recall
 from sparse_attn.kernels.estimate import block_scores, quantize_int8
 from sparse_attn.reference.estimate import block_scores_ref, quantize_int8_ref, sample_rows
-from test_proxy import _planted, check_sync_free_and_capturable
+from test_proxy import _planted, check_against_oracle, check_sync_free_and_capturable
 
 
 @pytest.mark.parametrize("shape,block,dtype", [
@@ -175,9 +175,11 @@ def test_gpu_lowbit_cuda_and_triton_backends_agree():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [dict(mass=0.9), dict(density=0.1)], ids=["mass", "density"])
+@pytest.mark.parametrize("config", [dict(mass=0.9), dict(density=0.25)], ids=["mass", "density"])
 def test_gpu_lowbit_no_sync_graph_capture(config):
+    # density 0.25: the planted blocks fit the budget next to the forced blocks (see test_proxy)
     q, k = _planted(2, 8, 2, 4096, d=128, block=128)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
-    ref = check_sync_free_and_capturable(estimators.get("lowbit", **config), q, k)
-    assert attention_recall(q.float(), k.float(), ref).mean() > 0.5
+    est = estimators.get("lowbit", **config)
+    ref = check_sync_free_and_capturable(est, q, k)
+    check_against_oracle(est, ref, q, k)
