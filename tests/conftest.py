@@ -51,3 +51,53 @@ def assert_matches_reference(out, lse, ref, ref_lse, low=None):
     empty = torch.isinf(ref_lse)
     if empty.any():
         assert out[empty].abs().max().item() == 0.0
+
+
+def _tensor_fields(x, name="result"):
+    """(name, tensor) pairs of a tensor, a tuple/list of them, or a layout dataclass (nested
+    layouts included), so results of any op or estimator can be compared field by field."""
+    import dataclasses
+
+    if isinstance(x, torch.Tensor):
+        yield name, x
+    elif dataclasses.is_dataclass(x):
+        for f in dataclasses.fields(x):
+            yield from _tensor_fields(getattr(x, f.name), f"{name}.{f.name}")
+    elif isinstance(x, (tuple, list)):
+        for i, item in enumerate(x):
+            yield from _tensor_fields(item, f"{name}[{i}]")
+
+
+def assert_same_tensors(a, b):
+    """Every tensor field of ``a`` equals the one of ``b`` exactly."""
+    fa, fb = dict(_tensor_fields(a)), dict(_tensor_fields(b))
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        assert torch.equal(fa[key], fb[key]), f"{key} differs"
+
+
+def assert_sync_free_and_capturable(fn, *, capture: bool = True):
+    """``fn()`` on CUDA: runs with no host synchronisation (sync debug mode 'error'), and, with
+    ``capture``, a CUDA graph of it replays the eager result exactly. Returns the eager result."""
+    ref = fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_same_tensors(again, ref)
+    if not capture:
+        return ref
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up on a side stream (allocator pools, autotuning)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_tensors(captured, ref)
+    return ref

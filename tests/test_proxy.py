@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_sync_free_and_capturable
 
 from sparse_attn import estimators, sparse_attention
 from sparse_attn.estimators import proxy as proxy_mod
@@ -170,26 +171,7 @@ def test_proxy_bad_shapes():
 def check_sync_free_and_capturable(est, q, k):
     """``est.estimate(q, k)`` on CUDA: no host sync, and a CUDA graph replays the same layout.
     Returns the eager layout."""
-    ref = est.estimate(q, k)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layout = est.estimate(q, k)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(layout.to_mask(), ref.to_mask())
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        est.estimate(q, k)  # warm-up on a side stream
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = est.estimate(q, k)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured.counts, ref.counts) and torch.equal(captured.indices, ref.indices)
-    return ref
+    return assert_sync_free_and_capturable(lambda: est.estimate(q, k))
 
 
 def check_against_oracle(est, layout, q, k, min_recall=0.5, slack=0.02):
