@@ -16,9 +16,16 @@ Batch 1, 32 query / 8 KV heads, d=128, bf16, causal; per-KV-head layouts, 64 x 6
 Each (S, D) also times the dense baselines of the same run (SDPA flash and cuDNN, via
 bench_block_sparse.dense_rows). Writes <out>/bench_stripe.{json,csv,png}.
 
+(c) ``tune`` (last, if the budget allows): at the first seqlen and each of --tune-counts, the
+    block-sparse kernel at (a)'s block layout, the stripe kernel at each of --tune-configs, and
+    the stripe kernel on the block layout's own (contiguous) rows: ``ours_contig`` / ``ours``
+    separates the memory system's cost of scattered rows from the kernel's own.
+
     python bench/bench_stripe.py --out bench/out --budget-s 500        # full run (H100)
     python bench/bench_stripe.py --quick --out bench/out               # smoke run
     python bench/bench_stripe.py --dry-run --quick --out /tmp/x        # no GPU: layouts, files
+    python bench/bench_stripe.py --tune-only --seqlens 128k --tune-counts 16384,4096,1024 \
+        --out bench/out --budget-s 200                                  # config sweep only
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ COLUMNS = [
     ("section", "section", None), ("seqlen", "S", None), ("pattern", "pattern", None),
     ("provider", "provider", None), ("config", "config", None), ("density", "density", ".4f"), ("ms", "ms", ".4g"),
     ("p20", "p20", ".4g"), ("p80", "p80", ".4g"), ("tflops", "TFLOP/s", ".0f"),
-    ("vs_block", "ours/this", ".2f"), ("vs_flash", "x flash", ".2f"),
+    ("vs_block", "ours/this", ".2f"), ("x_block", "ms/block ms", ".2f"), ("vs_flash", "x flash", ".2f"),
     ("vs_cudnn", "x cuDNN", ".2f"), ("maxdiff", "max|ours-flex|", ".2e"),
     ("note", "note", None),
 ]
@@ -57,11 +64,16 @@ def parse_args(argv=None):
     add_shape_args(ap)
     ap.set_defaults(block=64)
     ap.add_argument("--tune-configs",
-                    default="128/64/64/8/2/2,128/64/64/8/2/3,128/64/64/8/3/2,64/64/64/4/2/2,"
-                            "128/64/128/8/2/2",
+                    default="128/64/64/8/2/3,128/64/64/8/2/4,128/64/128/8/2/3,64/64/64/4/2/3,"
+                            "128/64/32/4/2/4",
                     help="last, if the budget allows: stripe-kernel configs BLOCK_M/BLOCK_N/"
-                         "BLOCK_NS/warps/stages/gather stages timed at (a) with the largest N "
-                         "and the first seqlen ('' to skip)")
+                         "BLOCK_NS/warps/stages/gather stages timed at (a) with each of "
+                         "--tune-counts at the first seqlen, next to the block-sparse kernel "
+                         "and the stripe kernel on contiguous rows ('' to skip)")
+    ap.add_argument("--tune-counts", default=None,
+                    help="(a)'s N for the config sweep (default: the largest --stripe-counts)")
+    ap.add_argument("--tune-only", action="store_true",
+                    help="only the config sweep (no dense, (a) or (b) sections)")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--sdpa-gqa", choices=("auto", "native", "expand"), default="auto")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
@@ -82,6 +94,11 @@ def parse_args(argv=None):
     args.providers = parse_list(args.providers, str)
     args.tune_configs = [tuple(int(x) for x in c.split("/"))
                          for c in parse_list(args.tune_configs, str)]
+    if any(len(c) != 6 for c in args.tune_configs):
+        ap.error("--tune-configs: each config is BLOCK_M/BLOCK_N/BLOCK_NS/warps/stages/"
+                 "gather stages (6 numbers)")
+    args.tune_counts = (parse_list(args.tune_counts, int) if args.tune_counts
+                        else [max(args.stripe_counts)])
     args.per_query_head = False  # base_row / dense_rows read it
     if args.dry_run:
         args.device = "cpu"
@@ -100,11 +117,13 @@ def _jittered(count: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, width: in
     return torch.where(slot < count[..., None], pos, -1).to(torch.int32)
 
 
-def gather_layouts(batch, heads, seqlen, n_cols, block, device, seed):
+def gather_layouts(batch, heads, seqlen, n_cols, block, device, seed, contiguous=False):
     """(a): sink + diagonal blocks, plus per query block ``n`` extra key positions between the
     sink and the diagonal: scattered (StripeLayout) or as ``n / block`` random whole blocks
     (BlockLayout). ``n = min(n_cols, room)`` rounded down to whole blocks, so both attend the
-    same pairs."""
+    same pairs. ``contiguous``: also a StripeLayout whose stripes are the block layout's
+    positions (the gather kernel on contiguous rows: separates the kernel's cost from the
+    memory system's cost of scattered rows)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     nb = -(-seqlen // block)
     m = torch.arange(nb, device=device)
@@ -123,6 +142,11 @@ def gather_layouts(batch, heads, seqlen, n_cols, block, device, seed):
     dense_blocks = BlockLayout.from_mask(dense[..., :nb].contiguous(), block, block)
     cols = _jittered(n_blocks * block, one * block, (m * block).expand(shape), n_cols, gen)
     counts = (n_blocks * block).to(torch.int32)
+    if contiguous:
+        rows = (blk.long()[..., None] * block + torch.arange(block, device=device)).flatten(-2)
+        rows = torch.where((blk >= 0)[..., None].expand(*blk.shape, block).flatten(-2), rows, -1)
+        return (StripeLayout(dense_blocks, counts, cols), block_layout,
+                StripeLayout(dense_blocks, counts, rows.to(torch.int32)))
     return StripeLayout(dense_blocks, counts, cols), block_layout
 
 
@@ -245,37 +269,60 @@ def run_pair(args, q, k, v, row, stripe, blocks: dict, flex_fn=None):
 
 
 def tune_rows(args, budget) -> list[dict]:
-    """The stripe kernel at each of --tune-configs on (a)'s largest N, first seqlen."""
+    """At the first seqlen and each of --tune-counts: the block-sparse kernel at (a)'s block
+    layout, the stripe kernel at each of --tune-configs, and the default config on stripes that
+    are the block layout's contiguous rows (``ours_contig``); ``x_block`` = that row's ms /
+    block-sparse ms."""
     from sparse_attn.kernels.stripe import default_config, stripe_fwd
 
-    s, d, n = args.seqlens[0], args.head_dim, max(args.stripe_counts)
-    base = {**base_row(args, "tune", s, d), "pattern": f"N={n} positions/qblock"}
+    s, d = args.seqlens[0], args.head_dim
     if args.dry_run or not args.tune_configs:
         return []
     qkv, note = guarded(random_qkv, args, s, d, args.device, args.seed)
     if note:
-        return [{**base, "provider": "-", "note": f"inputs: {note}"}]
+        return [{**base_row(args, "tune", s, d), "provider": "-", "note": f"inputs: {note}"}]
     q, k, v = qkv
-    stripe, _ = gather_layouts(args.batch, args.kv_heads, s, n, args.block, args.device,
-                               args.seed + n)
-    stripe.validate(s, s)
     default = default_config(d, q.dtype, q.device)
     rows = []
-    for cfg in args.tune_configs:
-        row = {**base, "provider": "ours", "config": "/".join(map(str, cfg)),
-               "density": stripe.density(s, s, causal=True)}
-        if budget.spent():
-            rows.append({**row, "note": "skipped: time budget spent"})
-            continue
-        def fn(cfg=cfg):
-            return stripe_fwd(q, k, v, stripe, causal=True, scale=d ** -0.5,
-                              softmax_threshold=None, return_lse=False, config=cfg)[0]
-        t = _time(args, fn)
-        rows.append({**row, **t, "note": ("default; " if cfg == default else "")
-                     + (t.get("note") or "")})
-        print(f"  tune {row['config']}: " + (f"{t['ms']:.4g} ms" if t.get("ms") else t["note"]),
-              flush=True)
-    del q, k, v, qkv, stripe
+    for n in args.tune_counts:
+        base = {**base_row(args, "tune", s, d), "pattern": f"N={n} positions/qblock"}
+        stripe, block, contig = gather_layouts(args.batch, args.kv_heads, s, n, args.block,
+                                               args.device, args.seed + n, contiguous=True)
+        stripe.validate(s, s)
+        contig.validate(s, s)
+        dens = stripe.density(s, s, causal=True)
+        tflop = attention_tflop(args.batch, args.heads, d, dens * causal_pairs(s))
+        runs = [("block_sparse", "-", block, None)]
+        runs += [("ours", "/".join(map(str, cfg)), stripe, cfg) for cfg in args.tune_configs]
+        runs.append(("ours_contig", "/".join(map(str, default)), contig, default))
+        block_ms = None
+        for provider, name, lay, cfg in runs:
+            row = {**base, "provider": provider, "config": name, "density": dens,
+                   "tflop": tflop}
+            if budget.spent():
+                rows.append({**row, "note": "skipped: time budget spent"})
+                continue
+            if cfg is None:
+                def fn(lay=lay):
+                    return block_sparse_attention(q, k, v, lay, check_indices=False)
+            else:
+                def fn(lay=lay, cfg=cfg):
+                    return stripe_fwd(q, k, v, lay, causal=True, scale=d ** -0.5,
+                                      softmax_threshold=None, return_lse=False, config=cfg)[0]
+            t = _time(args, fn)
+            row.update(t, tflops=tflops(tflop, t.get("ms")),
+                       note=("default; " if cfg == default else "") + (t.get("note") or ""))
+            if provider == "block_sparse":
+                block_ms = t.get("ms")
+            elif t.get("ms") and block_ms:
+                row["x_block"] = t["ms"] / block_ms
+            rows.append(row)
+            print(f"  tune N={n} {provider} {name}: "
+                  + (f"{t['ms']:.4g} ms" + (f" ({row['x_block']:.2f} x block)"
+                                             if row.get("x_block") else "")
+                     if t.get("ms") else t["note"]), flush=True)
+        del stripe, block, contig
+    del q, k, v, qkv
     free_cuda()
     return rows
 
@@ -334,7 +381,7 @@ def main(argv=None):
     exit_on_sigterm()
     d, dev, h = args.head_dim, args.device, args.kv_heads
     try:
-        for s in args.seqlens:
+        for s in ([] if args.tune_only else args.seqlens):
             print(f"[{budget.elapsed():6.0f}s] S={s} D={d}", flush=True)
             base = base_row(args, "dense", s, d)
             if budget.spent():

@@ -89,12 +89,14 @@ def _attend_tile(
     when USE_TMA. A skipped tile never loads V (loading V before the skip decision was
     measured slower on an H100: bench/RESULTS.md).
 
-    With GATHER (stripe attention) ``start_n`` is instead a vector of key positions, ``-1``
-    for padding; their rows are gathered by pointer (padding reads row 0, masked), and MASKED
-    must be set."""
+    With GATHER (stripe attention) ``start_n`` is instead a vector of key positions; their rows
+    are gathered by pointer. MASKED: ``-1`` marks padding (reads row 0, masked) and causality
+    is masked per position; unmasked, every position is valid and visible to every row."""
     if GATHER:
-        valid = start_n >= 0
-        safe = tl.where(valid, start_n, 0)
+        safe = start_n
+        if MASKED:
+            valid = start_n >= 0
+            safe = tl.where(valid, start_n, 0)
         b_k = _gather_rows(K_base, safe, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
     else:
         b_k = _load_kv_tile(K_base, start_n, seqlen_k, stride_kn, stride_kd,
@@ -102,10 +104,11 @@ def _attend_tile(
     # [BLOCK_M, BLOCK_N] raw scores; the scale (with log2 e) is folded into the exp2's FMA
     s = tl.dot(b_q, tl.trans(b_k))
     if GATHER:
-        visible = valid[None, :]
-        if IS_CAUSAL:
-            visible = visible & (start_n[None, :] <= row_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
+        if MASKED:
+            visible = valid[None, :]
+            if IS_CAUSAL:
+                visible = visible & (start_n[None, :] <= row_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
     elif MASKED:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         visible = offs_n[None, :] < seqlen_k

@@ -280,6 +280,16 @@ def test_kernel_tile_configs(config):
     _check(q, k, v, _layout(1, 2, 96, 160, 32, 32, DEVICE, p_col=0.4), True, config=config)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_unmasked_prefix_and_masked_tail(causal):
+    # many stripes per query block, Sq < Sk: full tiles before the tile's first row take the
+    # unmasked (index-prefetching) loop; padding, stripes past a row and tiles wholly after
+    # the tile's last row take the masked tail
+    q, k, v = _qkv(1, 4, 2, 77, 201, 32, torch.float16, DEVICE)
+    lay = _layout(1, 2, 77, 201, 32, 32, DEVICE, p_block=0.1, p_col=0.6, seed=3)
+    _check(q, k, v, lay, causal, config=(32, 32, 16, 4, 1, 3))
+
+
 def test_vertical_slash_layout():
     sq = sk = 192
     g = torch.Generator().manual_seed(5)
@@ -453,6 +463,22 @@ def _crop_q(lay, sq):
                       lay.blocks.indices[:, :, start:].contiguous(), bm, lay.block_n,
                       lay.num_k_blocks)
     return blk, lay.col_counts[:, :, start:].contiguous(), lay.col_indices[:, :, start:]
+
+
+HOPPER_CONFIGS = [  # the d=128 candidates of bench_stripe.py --tune-configs
+    (128, 64, 64, 8, 2, 3), (128, 64, 64, 8, 2, 4), (128, 64, 32, 8, 2, 5), (64, 64, 64, 4, 2, 3),
+    (64, 64, 64, 4, 2, 4), (128, 64, 128, 8, 2, 2), (128, 64, 128, 8, 2, 3),
+    (128, 64, 32, 4, 2, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", HOPPER_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_hopper_configs(config):
+    q, k, v = _qkv(1, 8, 2, 4096, 4096, 128, torch.bfloat16, "cuda")
+    _check(q, k, v, _gpu_layout(1, 2, 4096, cols=512), True, config=config)
+    # random stripes anywhere (also after the rows: masked tail, tiles out of reach)
+    lay = _layout(1, 2, 4096, 4096, 64, 64, "cuda", p_block=0.02, p_col=0.08)
+    _check(q, k, v, lay, True, config=config)
 
 
 @pytest.mark.gpu
