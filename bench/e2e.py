@@ -64,9 +64,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlens", default="2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--methods", default="streaming,block_topk",
-                    help="estimators, each with its e2e config below")
+                    help="estimators: streaming with --local-blocks, every other one with a "
+                         "--density budget")
     ap.add_argument("--density", type=float, default=0.1,
-                    help="block_topk budget (share of causal blocks)")
+                    help="budget of every method but streaming (share of causal blocks)")
     ap.add_argument("--local-blocks", type=int, default=16, help="streaming window (blocks)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -76,9 +77,9 @@ def main(argv=None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
-    configs = {"streaming": dict(sink_blocks=1, local_blocks=args.local_blocks),
-               "block_topk": dict(density=args.density)}
     methods = [m for m in args.methods.split(",") if m]
+    configs = {m: dict(sink_blocks=1, local_blocks=args.local_blocks) if m == "streaming"
+               else dict(density=args.density) for m in methods}
     rows = []
     for seqlen in (int(s) for s in args.seqlens.split(",")):
         x = torch.randn(1, seqlen, HIDDEN, device="cuda", dtype=torch.bfloat16)
