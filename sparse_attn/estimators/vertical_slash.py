@@ -245,7 +245,9 @@ class VerticalSlash(StripeEstimator):
         dense = dense_block_mask(sq, sk, bm, bn, self.sink_blocks, self.local_blocks, causal,
                                  q.device)
         offs = torch.arange(sk, device=q.device)
-        block_mask = slash_block_mask(offs.expand_as(slash), slash, sq, sk, bm, bn) | dense
+        # the forced offsets are the local window's (dense already): they open no band
+        moved = slash & (offs >= min(sk, self.local_blocks * bn))
+        block_mask = slash_block_mask(offs.expand_as(slash), moved, sq, sk, bm, bn) | dense
         blocks = BlockLayout.from_mask(block_mask, bm, bn)
         # verticals (the sink keys are dense): per query block, the seen ones outside dense
         width = self._column_width(sk)
