@@ -209,10 +209,15 @@ class VerticalSlash(StripeEstimator):
         forced_share = (pairs * dense).sum().float()
         phases, phase_of_block, diag = diagonal_phases(sq, sk, bm, bn, dev)
         n_diag = len(phases) * nkb
-        d = diag[:, None] - torch.arange(nkb, device=dev)[None, :]  # [NQB, NKB]
-        slot = torch.where((d >= 0) & ~dense, phase_of_block[:, None] * nkb + d, n_diag)
-        diag_cost = torch.zeros(n_diag + 1, dtype=torch.float64, device=dev).scatter_add_(
-            0, slot.flatten(), pairs.flatten())[:n_diag].float()
+        # the share of block diagonal d (key block diag - d) per phase: a gather along the
+        # diagonals and a sum over the phase's query blocks (no contended atomics)
+        kb = diag[:, None] - torch.arange(nkb, device=dev)[None, :]  # [NQB, d]
+        kbc = kb.clamp(min=0)
+        on = torch.where((kb >= 0) & ~torch.gather(dense, 1, kbc),
+                         torch.gather(pairs, 1, kbc), 0.0)
+        diag_cost = torch.stack([
+            (on * (phase_of_block == p)[:, None]).sum(0) for p in range(len(phases))
+        ]).flatten().float()  # [phases * NKB]
         rank = torch.empty_like(order).scatter_(
             -1, order, torch.arange(n2, device=dev).expand_as(order))
         offs = torch.arange(sk, device=dev)
