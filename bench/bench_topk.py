@@ -37,7 +37,7 @@ COLUMNS = [
     ("provider", "provider", None), ("tokens", "T", None), ("ms", "ms", ".4g"),
     ("p20", "p20", ".4g"), ("p80", "p80", ".4g"), ("tflops", "TFLOP/s", ".0f"),
     ("union", "union/K", ".2f"), ("vs_block", "x block", ".2f"), ("vs_cudnn", "x cuDNN", ".3f"),
-    ("maxdiff", "max|d|", ".2e"), ("note", "note", None),
+    ("maxdiff", "max|d|", ".2e"), ("config", "config", None), ("note", "note", None),
 ]
 TUNE_COLUMNS = [
     ("seqlen", "S", None), ("topk", "K", None), ("pattern", "pattern", None),
@@ -61,8 +61,6 @@ def parse_args(argv=None):
     ap.add_argument("--patterns", default="block,window,random")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--no-dense", action="store_true", help="skip SDPA/Flex baselines")
-    ap.add_argument("--tune-seqlen", default="16k")
-    ap.add_argument("--tune-topk", type=int, default=1024)
     ap.add_argument("--select-rows", type=int, default=2048,
                     help="query rows of the topk_indices score tensor [1, kv_heads, rows, S]")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
@@ -77,10 +75,9 @@ def parse_args(argv=None):
     add_shape_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
-        args.seqlen, args.topks, args.tune_seqlen, args.tune_topk = "8k", "512,256", "4k", 256
+        args.seqlen, args.topks = "8k", "512,256"
         args.select_rows = 512
     args.seqlen = parse_list(args.seqlen, int)[0]
-    args.tune_seqlen = parse_list(args.tune_seqlen, int)[0]
     args.topks = parse_list(args.topks, int)
     args.patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = set(args.patterns) - {"block", "window", "random"}
@@ -204,17 +201,11 @@ def make_pattern(args, name, keys, device):
     return None, topk_random(args.batch, args.kv_heads, seqlen, keys, seed, device)
 
 
-def union_ratio(layout: TopKLayout, tokens: int, sample: int = 64) -> float:
-    """Mean |union of T neighbours' sets| / K over a sample of tiles (the merged kernel's work
-    per tile relative to one token's)."""
-    from sparse_attn.kernels.topk import merge_token_lists
-
-    nt = layout.seqlen_q // tokens
-    pick = torch.linspace(0, max(nt - 1, 0), min(sample, max(nt, 1))).long().tolist()
-    rows = torch.cat([layout.indices[:, :, p * tokens:(p + 1) * tokens] for p in pick], 2)
-    _, _, counts = merge_token_lists(rows.contiguous(), tokens)
-    valid = (layout.indices[:, :, [p * tokens for p in pick]] >= 0).sum(-1).clamp(min=1)
-    return float((counts.float() / valid.float()).mean())
+def union_ratio(counts: torch.Tensor, layout: TopKLayout) -> float:
+    """Mean |union of a tile's T lists| / mean listed keys per token: the merged kernel's
+    gathered keys per tile relative to one token's list."""
+    per_token = (layout.indices >= 0).sum(-1, dtype=torch.float32).mean()
+    return float(counts.float().mean() / per_token.clamp(min=1))
 
 
 # -------------------------------------------------------------------------------- runs
@@ -274,8 +265,15 @@ def dense_rows(args, q, k, v, flex, timing):
     return rows
 
 
-def pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget):
-    from sparse_attn.kernels.topk import default_tokens, merge_token_lists
+TUNE_CONFIGS = {  # merged tile rows -> (BLOCK_N, warps, stages) tried at the headline K
+    16: [(64, 4, 3), (32, 4, 3), (128, 4, 2), (64, 8, 2)],
+    32: [(64, 8, 3), (32, 8, 3), (128, 8, 2), (32, 4, 3)],
+}
+
+
+def pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget, tune=None):
+    from sparse_attn.kernels.topk import (default_config, default_tokens, merge_token_lists,
+                                          merge_token_lists_torch, topk_fwd)
 
     s = args.seqlen
     base = base_row(args, "main", s, keys, pattern)
@@ -287,16 +285,18 @@ def pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget):
     tflop = attention_tflop(args.batch, args.heads, args.head_dim, pairs)
     rows, outs = [], {}
     group = args.heads // args.kv_heads
+    scale = args.head_dim ** -0.5
 
-    def add(provider, fn, **extra):
+    def add(provider, fn, out_key=None, **extra):
         r = {**base, "provider": provider, "density": density, **extra,
              **time_provider(fn, **timing)}
         r["tflops"] = tflops(tflop, r["ms"])
         rows.append(r)
-        if r["available"]:
+        if r["available"] and out_key is not False:
             out, _ = guarded(fn)
             if out is not None:
-                outs[provider] = out
+                outs[out_key or provider] = out
+                r["out_key"] = out_key or provider
         return r
 
     if bl is not None:
@@ -306,77 +306,64 @@ def pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget):
             if mask is not None:
                 add("flex_block", flex(q, k, v, mask))
             del mask
-    t_tok = default_tokens(group, False)
-    add("topk", lambda: topk_attention(q, k, v, layout, check_indices=False), tokens=t_tok)
+    add("topk", lambda: topk_attention(q, k, v, layout, merge=False, check_indices=False),
+        tokens=default_tokens(group, False))
     free_cuda()
-    for t_m in dict.fromkeys((default_tokens(group, True), 32)):
+    for t_m in (16, 32):
         if budget.spent():
             break
-        ratio, _ = guarded(union_ratio, layout, t_m)
-        add("topk_merged", lambda: topk_attention(q, k, v, layout, merge=True, tokens=t_m,
-                                                  check_indices=False),
-            tokens=t_m, union=ratio)
-        outs[f"topk_merged{t_m}"] = outs.pop("topk_merged", None)
-        rows[-1]["out_key"] = f"topk_merged{t_m}"
-        layout._merged.clear()
-        free_cuda()
-        m = {**base, "provider": "merge", "tokens": t_m,
-             **time_provider(lambda: merge_token_lists(layout.indices, t_m), **timing)}
-        m["note"] = "merge_token_lists alone (cached per layout by topk_attention)"
-        rows.append(m)
+        merged, note = guarded(merge_token_lists, layout.indices, t_m, seqlen_k=s,
+                               causal_offset=0)
+        if merged is None:
+            rows.append({**base, "provider": "merge", "tokens": t_m, "note": note})
+            continue
+        ratio = union_ratio(merged[2], layout)
+        cfg = default_config(args.head_dim, q.dtype, q.device, 4 * t_m)
+        add("topk_merged", lambda: topk_fwd(q, k, v, layout.indices, causal=True, scale=scale,
+                                            return_lse=False, tokens=t_m, merged=True,
+                                            merged_lists=merged)[0],
+            out_key=f"topk_merged{t_m}", tokens=t_m, union=ratio, config=str(cfg),
+            note="kernel alone (union cached)")
+        m = add("merge", lambda: merge_token_lists(layout.indices, t_m, seqlen_k=s,
+                                                   causal_offset=0),
+                out_key=False, tokens=t_m, note="merge_token_lists alone (Triton)")
+        m["tflops"] = None
+        if not budget.spent():
+            def e2e(t_m=t_m):
+                layout._merged.clear()
+                return topk_attention(q, k, v, layout, merge=True, tokens=t_m,
+                                      check_indices=False)
+            add("topk_merged+merge", e2e, out_key=False, tokens=t_m, union=ratio,
+                note="merge + kernel (topk_attention(merge=True), cache cleared)")
+            layout._merged.clear()
+        if tune is not None and not budget.spent():
+            for cfg in TUNE_CONFIGS.get(t_m, []):
+                if budget.spent():
+                    break
+                r = {**base_row(args, "tune", s, keys, pattern), "merged": True, "tokens": t_m,
+                     "rows": 4 * t_m, "config": "sweep", "block_n": cfg[0], "warps": cfg[1],
+                     "stages": cfg[2]}
+                r.update(time_provider(
+                    lambda cfg=cfg: topk_fwd(q, k, v, layout.indices, causal=True, scale=scale,
+                                             return_lse=False, tokens=t_m, merged=True,
+                                             merged_lists=merged, config=cfg), **timing))
+                tune.append(r)
+        if t_m == 16 and keys == args.topks[0] and pattern == "block" and not budget.spent():
+            torch_rows = add("merge_torch", lambda: merge_token_lists_torch(layout.indices, t_m),
+                             out_key=False, tokens=t_m,
+                             note="torch segmented-sort merge (previous implementation)")
+            torch_rows["tflops"] = None
+        del merged
         free_cuda()
     # every variant against the block-sparse output (same attended set), else per-token top-k
     ref_name = "block_sparse" if "block_sparse" in outs else "topk"
     ref = outs.get(ref_name)
     for r in rows:
-        out = outs.get(r.pop("out_key", r["provider"]))
+        out = outs.get(r.pop("out_key", None))
         if ref is not None and out is not None and r["provider"] != ref_name:
             r["maxdiff"] = float((out.float() - ref.float()).abs().max())
     del outs, layout, bl
     free_cuda()
-    return rows
-
-
-def tune_rows(args, budget, timing):
-    """Tile rows and configs of the top-k kernel at a mid size (block and window patterns)."""
-    import triton
-
-    from sparse_attn.kernels.topk import default_config, merge_token_lists, topk_fwd
-
-    s, keys = args.tune_seqlen, args.tune_topk
-    sub = argparse.Namespace(**{**vars(args), "seqlen": s})
-    q, k, v = random_qkv(sub, s, args.head_dim, args.device, args.seed)
-    scale = args.head_dim ** -0.5
-    # (merged, tokens, config or None for the default); each distinct one compiles once
-    variants = [(False, 4, None), (False, 16, None), (True, 8, None), (True, 16, None),
-                (True, 32, None)]
-    variants += [(True, 16, c) for c in ((32, 4, 3), (64, 8, 3), (64, 4, 2))]
-    variants += [(True, 32, c) for c in ((32, 8, 3), (128, 8, 2))]
-    variants += [(False, 4, c) for c in ((32, 4, 3), (64, 4, 2))]
-    rows = []
-    for pattern in ("block", "window"):
-        _, layout = make_pattern(sub, pattern, keys, args.device)
-        merged = {}
-        for is_merged, t, cfg in variants:
-            r = {**base_row(args, "tune", s, keys, pattern), "merged": is_merged, "tokens": t}
-            rows_m = triton.next_power_of_2(args.heads // args.kv_heads) * t
-            c = cfg or default_config(args.head_dim, q.dtype, q.device, rows_m)
-            r.update(block_n=c[0], warps=c[1], stages=c[2], rows=rows_m,
-                     config="default" if cfg is None else "sweep")
-            if budget.spent():
-                rows.append({**r, "note": "skipped: time budget spent"})
-                continue
-            if is_merged and t not in merged:
-                merged[t] = merge_token_lists(layout.indices, t)
-
-            def fn(is_merged=is_merged, t=t, cfg=cfg):
-                return topk_fwd(q, k, v, layout.indices, causal=True, scale=scale,
-                                return_lse=False, tokens=t, merged=is_merged,
-                                merged_lists=merged.get(t), config=cfg)
-            r.update(time_provider(fn, **timing))
-            rows.append(r)
-        del layout, merged
-        free_cuda()
     return rows
 
 
@@ -447,6 +434,8 @@ def plot(rows, path):
 
 def dry_run(args) -> int:
     """CPU: build each pattern at S=1000 and check validity, keys per token and causality."""
+    from sparse_attn.kernels.topk import merge_token_lists
+
     s, keys, problems = 1000, 256, []
     sub = argparse.Namespace(**{**vars(args), "seqlen": s, "block": 64, "batch": 1,
                                 "kv_heads": 2})
@@ -458,7 +447,7 @@ def dry_run(args) -> int:
         future = ((lay.indices.long() > pos[:, None]) & (lay.indices >= 0)).sum()
         print(f"{name}: keys/token min {int(n.min())} max {int(n.max())} late-mean "
               f"{float(n[..., s // 2:].float().mean()):.1f}; future keys {int(future)}; "
-              f"union/K (T=16) {union_ratio(lay, 16):.2f}")
+              f"union/K (T=16) {union_ratio(merge_token_lists(lay.indices, 16, seqlen_k=s)[2], lay):.2f}")
         if int(n[..., s // 2:].max()) > keys:
             problems.append(f"{name}: more than K keys")
         if name == "random" and future:
@@ -510,7 +499,8 @@ def main(argv=None):
                     continue
                 print(f"[{budget.elapsed():5.0f}s] S={args.seqlen} K={keys} {pattern}",
                       flush=True)
-                rows.extend(pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget))
+                rows.extend(pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget,
+                                         tune if i == 0 and pattern == "block" else None))
                 save()
             if i == 0:  # after the headline K: selection and the tile sweep
                 del q, k, v
@@ -519,11 +509,6 @@ def main(argv=None):
                     print(f"[{budget.elapsed():5.0f}s] topk_indices", flush=True)
                     got, note = guarded(select_rows, args, timing)
                     select.extend(got or [{"provider": "-", "note": note}])
-                    free_cuda()
-                if not budget.spent():
-                    print(f"[{budget.elapsed():5.0f}s] tile sweep", flush=True)
-                    got, note = guarded(tune_rows, args, budget, timing)
-                    tune.extend(got or [{"note": note}])
                     free_cuda()
                 save()
                 q, k, v = random_qkv(args, args.seqlen, args.head_dim, args.device, args.seed)

@@ -12,15 +12,20 @@ each position, and the other rows see -inf. Two ways to form the chunks (MERGED 
 * MERGED=False: the chunks of token 0's list, then token 1's, ...: row mask "row's token is t".
   No preprocessing, but each chunk does useful work in only G of the M rows: T x the needed
   MMA work, and a key shared by neighbours is loaded once per token.
-* MERGED=True: the sorted union of the TOKENS tokens' lists, with a TOKENS-bit owner word per
-  position (``merge_token_lists``, torch on the device, no host sync). Neighbouring tokens'
-  top-k sets overlap heavily in real attention (local window, sinks, shared "heavy" keys), so
-  the union is close to K and each gathered K/V row serves all M rows: the loads drop T-fold
-  and the MMA work stays near the useful one. With disjoint sets the union is T x K and the
-  cost equals MERGED=False's plus the merge.
+* MERGED=True (the default of topk_attention): the union of the TOKENS tokens' lists, with a
+  TOKENS-bit owner word per position that also holds causality (``merge_token_lists``: a
+  Triton pass of atomic ORs into a per-program owner array, O(T*K) per tile, no sort, no host
+  sync). Neighbouring tokens' top-k sets overlap heavily in real attention (local window,
+  sinks, shared "heavy" keys), so the union is close to K and each gathered K/V row serves all
+  M rows: the loads drop T-fold and the MMA work stays near the useful one. With disjoint sets
+  the union is T x K and the kernel does T x the useful MMA work, plus the merge.
 
 Cost per query token: loads ~ |union| / T x D x 4 bytes, MMA ~ |union| x G_PAD x D x 4 flops.
-bench/bench_topk.py measures both modes and several TOKENS; the defaults below follow it.
+Measured (H100, 128k, 32/8 heads, d=128, bf16, causal, K=2048; block-sparse kernel 9.7 ms at
+the same keys): per-token 173 ms (17.8x: 4x wasted MMA rows, every token re-gathers its 2048
+K/V rows); merged T=32, union cached 13.5 ms (1.4x); the merge itself 35 ms (Triton; the torch
+segmented-sort merge it replaces took 371 ms). Random disjoint lists (union 11-18x K): per-token
+299 ms beats merged (244 ms kernel + 227 ms merge): use merge=False there.
 """
 from __future__ import annotations
 
@@ -94,7 +99,8 @@ def _topk_fwd_kernel(
     if MERGED:
         p_idx = Idx + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
         p_bits = Bits + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
-        n_iter = tl.cdiv(tl.load(Counts + pid_bh * num_m_tiles + pid_m), BLOCK_N)
+        count = tl.load(Counts + pid_bh * num_m_tiles + pid_m)
+        n_iter = tl.cdiv(count, BLOCK_N)
     else:
         p_idx = Idx + b * stride_ib + h_kv * stride_ih + t0 * stride_im
         n_chunks = tl.cdiv(list_len, BLOCK_N)
@@ -103,20 +109,20 @@ def _topk_fwd_kernel(
     for j in range(0, n_iter):
         if MERGED:
             offs = j * BLOCK_N + offs_n
-            m_slot = offs < list_len
-            idx = tl.load(p_idx + offs * stride_ij, mask=m_slot, other=-1)
+            m_slot = offs < count
+            idx = tl.load(p_idx + offs * stride_ij, mask=m_slot, other=0)
             bits = tl.load(p_bits + offs * stride_ij, mask=m_slot, other=0)
-            # [BLOCK_M, BLOCK_N] row owns the position iff its token's bit is set
-            own = ((bits[None, :] >> row_t[:, None]) & 1) != 0
+            # [BLOCK_M, BLOCK_N]: the row's token owns the position. The owner words already
+            # hold causality (merge_token_lists drops future keys per token): one mask only.
+            visible = ((bits[None, :] >> row_t[:, None]) & 1) != 0
         else:
             t = j // n_chunks
             offs = (j % n_chunks) * BLOCK_N + offs_n
             m_slot = (offs < list_len) & (t0 + t < seqlen_q)
             idx = tl.load(p_idx + t * stride_im + offs * stride_ij, mask=m_slot, other=-1)
-            own = row_t[:, None] == t
-        visible = own & (idx[None, :] >= 0)
-        if IS_CAUSAL:
-            visible = visible & (idx[None, :] <= row_pos[:, None])
+            visible = (row_t[:, None] == t) & (idx[None, :] >= 0)
+            if IS_CAUSAL:
+                visible = visible & (idx[None, :] <= row_pos[:, None])
         b_k = _gather_rows(K_base, idx, stride_kn, stride_kd, HEAD_DIM, BLOCK_D)
         # [BLOCK_M, BLOCK_N] raw scores; the scale (with log2 e) is folded into exp2's FMA
         s = tl.dot(b_q, tl.trans(b_k))
@@ -140,13 +146,16 @@ def _topk_fwd_kernel(
 
 
 # (BLOCK_N, num_warps, num_stages) per head dim for bf16/fp16 on an H100, by tile rows (up to
-# 32 rows: mma.sync tiles; 64 and more: wgmma). Compiled for sm_90 with no spills
-# (.scratch/aot_topk.py, D=128 G=4: 16 rows 158 regs, 64 rows 254 regs / 4 warps, 128 rows
-# 252 regs / 8 warps; 128 rows on 4 warps spill). The gathered loads go through cp.async.
+# 64 rows / >= 128 rows). Compiled for sm_90 (.scratch/aot_topk.py, D=128 G=4): 16 rows
+# per-token 158 regs; 64 rows merged (64, 4, 3) 190 regs; 128 rows merged (32, 4, 3) 255 regs,
+# 8 B stack, no local loads. Measured at 128k, K=2048, block pattern, union cached (H100,
+# bench_topk tune section): 128 rows (32, 4, 3) 13.5 ms, (64, 8, 3) 17.5, (128, 8, 2) 17.8,
+# (32, 8, 3) 20.4; 64 rows (32, 4, 3) 14.9, (64, 4, 3) 15.0, (128, 4, 2) 18.3, (64, 8, 2)
+# 33.6. D=64/256 rows are unmeasured guesses. The gathered loads go through cp.async.
 _HOPPER_CONFIGS = {
     # head dim: (config for <= 64 rows, config for >= 128 rows)
     64: ((64, 4, 3), (64, 8, 3)),
-    128: ((64, 4, 3), (64, 8, 2)),
+    128: ((64, 4, 3), (32, 4, 3)),
     256: ((32, 4, 2), (32, 8, 2)),
 }
 
@@ -165,28 +174,116 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device,
 
 def default_tokens(group: int, merged: bool) -> int:
     """TOKENS per tile: rows M = G_PAD x TOKENS. Unmerged, 16 rows (the smallest tensor-core
-    M; more rows only add masked work). Merged, 64 rows (one wgmma M) to amortise the gathers."""
+    M; more rows only add masked work). Merged, 128 rows (at most 32 tokens): measured best
+    at 128k (G=4: T=32 13.5 ms vs T=16 14.9 ms, K=2048, union cached)."""
     g_pad = triton.next_power_of_2(group)
     # at most 32 tokens: the merged owner words are 32-bit
-    return min(32, max(1, (64 if merged else 16) // g_pad))
+    return min(32, max(1, (128 if merged else 16) // g_pad))
 
 
-def merge_token_lists(indices: torch.Tensor, tokens: int, chunk_elems: int = 1 << 26
+@triton.jit
+def _merge_kernel(
+    Idx, Union, Bits, Counts, Scratch,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    seqlen_q, list_len, scratch_len, num_heads, num_tiles, total_tiles, causal_offset,
+    TOKENS: tl.constexpr, CHUNK: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    # Persistent: program p owns the zeroed row p of Scratch ([programs, Sk] int32, an owner
+    # word per key position) and handles tiles p, p + programs, ... For each token t of the
+    # tile and each listed key: atomic OR of bit t into Scratch[key]; the one atomic that sees
+    # 0 appends the key to the union (a prefix sum over the chunk). Then the union's owner
+    # words are read and cleared in one atomic exchange, so Scratch is zero for the next
+    # tile. O(T*K) per tile, no sort; the union comes out in first-seen order (the attention
+    # kernel needs no order). Exactly one atomic per address sees 0 whatever the warps'
+    # order, so the union has no repeats.
+    pid = tl.program_id(0).to(tl.int64)  # int64 tile ids: T*K*tiles may pass 2**31
+    scr = Scratch + pid * scratch_len
+    offs = tl.arange(0, CHUNK)
+    width = TOKENS * list_len
+    for tile in range(pid, total_tiles, tl.num_programs(0).to(tl.int64)):
+        bh = tile // num_tiles
+        m = tile % num_tiles
+        p_in = Idx + (bh // num_heads) * stride_ib + (bh % num_heads) * stride_ih
+        base = tile * width  # Union and Bits are contiguous [B, H, NT, T*K]
+        count = 0
+        for t in range(TOKENS):
+            tok = m * TOKENS + t
+            for c in range(0, list_len, CHUNK):
+                o = c + offs
+                idx = tl.load(p_in + tok * stride_im + o * stride_ij,
+                              mask=(o < list_len) & (tok < seqlen_q), other=-1)
+                ok = idx >= 0
+                if CAUSAL:
+                    ok = ok & (idx <= tok + causal_offset)
+                old = tl.atomic_or(scr + idx, 1 << t, mask=ok, sem="relaxed")
+                new = ok & (old == 0)
+                pos = count + tl.cumsum(new.to(tl.int32), 0) - 1
+                tl.store(Union + base + pos, idx, mask=new)
+                count += tl.sum(new.to(tl.int32), 0)
+        tl.debug_barrier()
+        for c in range(0, count, CHUNK):
+            o = c + offs
+            ok = o < count
+            idx = tl.load(Union + base + o, mask=ok, other=0)
+            bits = tl.atomic_xchg(scr + idx, 0, mask=ok, sem="relaxed")
+            tl.store(Bits + base + o, bits, mask=ok)
+        tl.debug_barrier()
+        tl.store(Counts + tile, count)
+
+
+def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | None = None,
+                      causal_offset: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sorted union of the key lists of each run of ``tokens`` consecutive query tokens.
+    """Union of the key lists of each run of ``tokens`` consecutive query tokens, with owner
+    bits (a Triton kernel: atomic OR into a per-program owner array, no sort).
 
     Args:
-        indices: int32 ``[B, H, Sq, K]`` (-1 padded, no duplicates per row).
+        indices: int32 ``[B, H, Sq, K]`` (-1 padded, no repeats per row), values < ``seqlen_k``.
         tokens: tokens per tile (1..32).
+        seqlen_k: key length (default: the largest index + 1, which syncs with the host).
+        causal_offset: when given, token ``i`` keeps only keys ``<= i + causal_offset``
+            (``Sk - Sq`` for causal attention): the owner bits then encode causality.
 
     Returns:
-        ``(union [B, H, NT, T*K] int32 (-1 padded), owners [B, H, NT, T*K] int32 (bit t set
-        when the tile's token t lists the position), counts [B, H, NT] int32)`` with
-        ``NT = ceil(Sq / T)``. Device-side only (a segmented sort over T*K keys per tile), in
-        chunks of tiles so its scratch stays near ``chunk_elems`` keys.
+        ``(union [B, H, NT, T*K] int32, owners [B, H, NT, T*K] int32 (bit t set when the
+        tile's token t lists the position), counts [B, H, NT] int32)`` with
+        ``NT = ceil(Sq / T)``; entries ``[..., :counts]`` are valid (each key once, in
+        first-seen order), the rest is unspecified.
+
+    Example:
+        >>> union, owners, counts = merge_token_lists(layout.indices, 16, seqlen_k=8192,
+        ...                                           causal_offset=0)
     """
     if not 1 <= tokens <= 32:
         raise ValueError(f"merge_token_lists: tokens must lie in [1, 32], got {tokens}")
+    batch, heads, sq, topk = indices.shape
+    nt = triton.cdiv(sq, tokens)
+    dev = indices.device
+    if seqlen_k is None:
+        seqlen_k = int(indices.max()) + 1
+    union = torch.empty((batch, heads, nt, tokens * topk), dtype=torch.int32, device=dev)
+    owners = torch.empty_like(union)
+    counts = torch.empty((batch, heads, nt), dtype=torch.int32, device=dev)
+    total = batch * heads * nt
+    if dev.type == "cuda":
+        progs = 4 * torch.cuda.get_device_properties(dev).multi_processor_count
+    else:
+        progs = 4
+    progs = max(1, min(total, progs))
+    scratch = torch.zeros((progs, max(1, seqlen_k)), dtype=torch.int32, device=dev)
+    chunk = min(1024, max(16, triton.next_power_of_2(topk)))
+    _merge_kernel[(progs,)](
+        indices, union, owners, counts, scratch, *indices.stride(),
+        sq, topk, scratch.shape[1], heads, nt, total,
+        0 if causal_offset is None else causal_offset,
+        TOKENS=tokens, CHUNK=chunk, CAUSAL=causal_offset is not None, num_warps=4)
+    return union, owners, counts
+
+
+def merge_token_lists_torch(indices: torch.Tensor, tokens: int, chunk_elems: int = 1 << 26
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``merge_token_lists`` by a segmented sort in torch (the union sorted, -1 padded, no
+    causal filter): the test oracle and the bench's comparison point."""
     batch, heads, sq, topk = indices.shape
     nt = triton.cdiv(sq, tokens)
     width = tokens * topk
@@ -232,7 +329,8 @@ def topk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.T
              config: tuple | None = None):
     """Launch the kernel. Inputs are assumed validated (see sparse_attn.ops.topk).
 
-    ``merged_lists`` is a precomputed ``merge_token_lists(indices, tokens)``.
+    ``merged_lists`` is a precomputed ``merge_token_lists(indices, tokens, seqlen_k=Sk,
+    causal_offset=Sk - Sq if causal else None)`` (its owner bits carry causality).
     Returns ``(out [B, Hq, Sq, D], lse [B, Hq, Sq] or None)``.
     """
     batch, hq, seqlen_q, head_dim = q.shape
@@ -251,7 +349,9 @@ def topk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.T
            if return_lse else None)
     if merged:
         if merged_lists is None:
-            merged_lists = merge_token_lists(indices, tokens)
+            merged_lists = merge_token_lists(
+                indices, tokens, seqlen_k=seqlen_k,
+                causal_offset=seqlen_k - seqlen_q if causal else None)
         idx, bits, counts = merged_lists
         if idx.shape[2] != num_m_tiles or idx.shape[3] != tokens * indices.shape[3]:
             raise ValueError(

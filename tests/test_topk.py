@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
-from sparse_attn.kernels.topk import merge_token_lists
+from sparse_attn.kernels.topk import merge_token_lists, merge_token_lists_torch
 from sparse_attn.layout import TopKLayout
 from sparse_attn.reference.dense import attention_ref
 
@@ -247,22 +247,34 @@ def test_topk_indices_bad_input():
         sa.topk_indices(torch.ones(1, 1, 4, 4, dtype=torch.int32), 2)
 
 
-def test_merge_token_lists():
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_merge_token_lists(causal):
+    """Triton union (unsorted, owner bits, causal filter) and the torch segmented-sort one
+    against brute force."""
     sq, sk, kk, tokens = 11, 30, 6, 4
-    layout = _random_layout(1, 2, sq, sk, kk, "cpu", local=4)
-    union, owners, counts = merge_token_lists(layout.indices, tokens, chunk_elems=64)
+    layout = _random_layout(1, 2, sq, sk, kk, "cpu", local=4, causal=False)
     mask = layout.to_mask(sq, sk)
+    if causal:
+        mask &= torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+    got = merge_token_lists(layout.indices.to(DEVICE), tokens, seqlen_k=sk,
+                            causal_offset=sk - sq if causal else None)
+    union, owners, counts = (x.cpu() for x in got)
+    t_union, t_owners, t_counts = merge_token_lists_torch(layout.indices, tokens, chunk_elems=64)
     for h in range(2):
         for tile in range(3):
-            rows = range(tile * tokens, min(sq, tile * tokens + tokens))
-            want = mask[0, h, list(rows)].any(0).nonzero().flatten()
+            rows = list(range(tile * tokens, min(sq, tile * tokens + tokens)))
+            want = mask[0, h, rows].any(0).nonzero().flatten()
             n = int(counts[0, h, tile])
-            assert torch.equal(union[0, h, tile, :n].long(), want)
-            assert bool((union[0, h, tile, n:] == -1).all())
-            for j, key in enumerate(want.tolist()):
-                bits = int(owners[0, h, tile, j])
+            keys, order = union[0, h, tile, :n].long().sort()
+            assert torch.equal(keys, want)
+            for key, bits in zip(keys.tolist(), owners[0, h, tile, :n][order].tolist()):
                 for r, t in enumerate(rows):
                     assert bool(bits >> r & 1) == bool(mask[0, h, t, key])
+            if not causal:
+                m = int(t_counts[0, h, tile])
+                assert torch.equal(t_union[0, h, tile, :m].long(), want)
+                assert bool((t_union[0, h, tile, m:] == -1).all())
+                assert torch.equal(t_owners[0, h, tile, :m], owners[0, h, tile, :n][order])
 
 
 # ------------------------------------------------------------------------------- GPU
@@ -314,12 +326,12 @@ def test_merged_lists_cached_and_refreshed_on_change():
     q, k, v = _qkv(1, 4, 1, 40, 40, 32, torch.float16, DEVICE)
     layout = _random_layout(1, 1, 40, 40, 12, DEVICE)
     sa.topk_attention(q, k, v, layout, merge=True, tokens=4, backend="triton")
-    first = layout._merged[4][1][0]
+    first = layout._merged[(4, 40, 0)][1][0]
     sa.topk_attention(q, k, v, layout, merge=True, tokens=4, backend="triton")
-    assert layout._merged[4][1][0] is first  # reused
+    assert layout._merged[(4, 40, 0)][1][0] is first  # reused
     layout.indices[0, 0, 5:] = torch.flip(layout.indices[0, 0, 5:], (0,))  # in place
     _check(q, k, v, layout, True, merge=True, tokens=4)
-    assert layout._merged[4][1][0] is not first
+    assert layout._merged[(4, 40, 0)][1][0] is not first
     with torch.inference_mode():
         inf_layout = TopKLayout(layout.indices.clone())
         sa.topk_attention(q, k, v, inf_layout, merge=True, tokens=4, backend="triton")

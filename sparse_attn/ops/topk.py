@@ -44,16 +44,19 @@ def _check_layout(layout, q, k, *, check_indices: bool | None) -> None:
         layout._checked_for = key
 
 
-def _merged_lists(layout: TopKLayout, tokens: int):
-    """Tile unions of the layout's lists, cached on the layout per TOKENS (and invalidated when
-    its indices change in place)."""
+def _merged_lists(layout: TopKLayout, tokens: int, seqlen_k: int, causal: bool):
+    """Tile unions of the layout's lists, cached on the layout per (TOKENS, Sk, causal) (and
+    invalidated when its indices change in place)."""
     from ..kernels.topk import merge_token_lists
 
-    key = (tokens, *_state(layout.indices))
-    cached = layout._merged.get(tokens)
-    if cached is None or cached[0] != key:
-        cached = (key, merge_token_lists(layout.indices, tokens))
-        layout._merged[tokens] = cached
+    offset = seqlen_k - layout.seqlen_q if causal else None
+    key = (tokens, seqlen_k, offset)
+    state = _state(layout.indices)
+    cached = layout._merged.get(key)
+    if cached is None or cached[0] != state:
+        cached = (state, merge_token_lists(layout.indices, tokens, seqlen_k=seqlen_k,
+                                           causal_offset=offset))
+        layout._merged[key] = cached
     return cached[1]
 
 
@@ -67,7 +70,7 @@ def topk_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
-    merge: bool = False,
+    merge: bool = True,
     tokens: int | None = None,
     check_indices: bool | None = None,
 ):
@@ -85,12 +88,15 @@ def topk_attention(
             for rows with nothing to attend, whose output is 0).
         backend: ``"auto"`` (Triton on CUDA, the torch reference on CPU), ``"triton"``,
             ``"torch"``.
-        merge: the kernel iterates over the sorted union of ``tokens`` neighbouring tokens'
-            lists (one gather serves every token that listed a key; pays off when neighbours'
-            sets overlap). The union is computed on the device and cached on the layout.
-            ``False``: each token's own list, row-masked.
+        merge: the kernel iterates over the union of ``tokens`` neighbouring tokens' lists
+            (one gather serves every token that listed a key; pays off when neighbours' sets
+            overlap, as real top-k sets do). The union is built on the device (a Triton pass,
+            no sort) and cached on the layout. ``False``: each token's own list, row-masked
+            (better when neighbours' lists are disjoint, e.g. random keys). Measured at 128k,
+            K=2048 (H100): merged kernel 13.5 ms + merge 35 ms once per layout, per-token
+            173 ms, block-sparse kernel at the same keys 9.7 ms.
         tokens: query tokens per tile (tile rows = next_pow2(G) x tokens, at most 128);
-            default: 16 rows per-token, 64 rows merged (at most 32 tokens).
+            default: 16 rows per-token, 128 rows merged (at most 32 tokens).
         check_indices: check the index values before launch (a host sync, once per layout;
             skipped automatically under CUDA-graph capture).
 
@@ -128,7 +134,7 @@ def topk_attention(
             raise ValueError(
                 f"{_OP}: tokens={tokens} with a GQA group of {group} gives {g_pad * tokens} tile "
                 f"rows; at most 128 (tokens <= {max(1, 128 // g_pad)})")
-        merged = _merged_lists(layout, tokens) if merge else None
+        merged = _merged_lists(layout, tokens, k.shape[2], causal) if merge else None
         out, lse = topk_fwd(q, k, v, layout.indices, causal=causal, scale=scale,
                             return_lse=return_lse, tokens=tokens, merged=merge,
                             merged_lists=merged)
