@@ -24,8 +24,17 @@ __all__ = ["DEFAULT_MIN_SEQLEN", "SparseAttention", "sparse_attention"]
 # Key length below which SparseAttention runs dense attention: the crossover bench/e2e.py
 # measured on an H100 (2026-11-25, bench/RESULTS.md): streaming beats cuDNN SDPA from 8k,
 # block_topk (10%) from 16k (0.81x at 8k, 1.76x at 16k); the larger one keeps the patched model
-# never slower than the dense one.
+# never slower than the dense one. The same run's proxy (10%) and lowbit (10%) cross at 16k too;
+# anchor (10%) only from 32k (0.89x at 16k, 1.84x at 32k; e2e rerun in the second GPU session
+# of 2026-11-25), so it gets its own default. vertical_slash was not timed end to end; its
+# 128k estimate (53 ms per layer, 21% of dense) is anchor's class, so it takes anchor's default.
 DEFAULT_MIN_SEQLEN = 16384
+_MIN_SEQLEN_BY_METHOD = {"anchor": 32768, "vertical_slash": 32768}
+
+
+def default_min_seqlen(method: str) -> int:
+    """The key length from which ``method`` runs sparse by default (measured crossovers)."""
+    return _MIN_SEQLEN_BY_METHOD.get(method, DEFAULT_MIN_SEQLEN)
 
 # decode (q_len == 1) policies
 _DECODE = ("dense", "sparse")
@@ -88,7 +97,8 @@ class SparseAttention(nn.Module):
     Args:
         method: estimator name (``sparse_attn.estimators.available()``).
         min_seqlen: dense attention when the key length is below this
-            (:data:`DEFAULT_MIN_SEQLEN`, the GPU crossover measured by ``bench/e2e.py``).
+            (default ``None``: :func:`default_min_seqlen` of the method, the GPU crossover
+            measured by ``bench/e2e.py``: 16384, or 32768 for anchor and vertical_slash).
         decode: ``"dense"`` (default) or ``"sparse"``: what a single query (``q_len == 1``) does.
         softmax_threshold: BLASST tile skipping on top of the layout (see
             :func:`sparse_attn.block_sparse_attention`); ``None`` computes listed tiles exactly.
@@ -110,10 +120,12 @@ class SparseAttention(nn.Module):
         >>> out = attn(q, k, v)  # q [1, 32, 32768, 128], k/v [1, 8, 32768, 128] on CUDA
     """
 
-    def __init__(self, method: str = "streaming", *, min_seqlen: int = DEFAULT_MIN_SEQLEN,
+    def __init__(self, method: str = "streaming", *, min_seqlen: int | None = None,
                  decode: str = "dense", softmax_threshold: float | None = None,
                  backend: str = "auto", record_stats: bool = False, **config):
         super().__init__()
+        if min_seqlen is None:
+            min_seqlen = default_min_seqlen(method)
         if isinstance(min_seqlen, bool) or not isinstance(min_seqlen, int) or min_seqlen < 0:
             raise ValueError(f"SparseAttention: min_seqlen must be an int >= 0, got {min_seqlen!r}")
         if decode not in _DECODE:

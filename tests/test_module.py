@@ -148,9 +148,12 @@ def test_stats_and_observer():
     assert silent.stats == []
 
 
-def test_default_min_seqlen_is_the_named_constant():
+def test_default_min_seqlen_is_the_measured_crossover():
     default = inspect.signature(sa.SparseAttention.__init__).parameters["min_seqlen"].default
-    assert default == sa_module.DEFAULT_MIN_SEQLEN
+    assert default is None  # per method: default_min_seqlen
+    assert sa.SparseAttention(STREAM).min_seqlen == sa_module.DEFAULT_MIN_SEQLEN
+    assert sa.SparseAttention("anchor").min_seqlen == sa_module.default_min_seqlen("anchor")
+    assert sa_module.default_min_seqlen("anchor") > sa_module.DEFAULT_MIN_SEQLEN
     assert "min_seqlen=16" in repr(sa.SparseAttention(STREAM, min_seqlen=16))
 
 
