@@ -1,6 +1,6 @@
 """topk_attention (token-level top-k) against the block-sparse kernel at the same number of
 attended keys per query, dense SDPA (flash, cuDNN) and FlexAttention; topk_indices against
-torch.topk; a small tile/config sweep of the top-k kernel.
+torch.topk; a config sweep of the merged kernel at the headline K (block pattern).
 
 Batch 1, 32 query / 8 KV heads (Llama-8B), d=128, bf16, causal. Token patterns (K keys/token):
   block   each token's set = the keys of its query block's key blocks in a BlockLayout (sink,
@@ -9,8 +9,10 @@ Batch 1, 32 query / 8 KV heads (Llama-8B), d=128, bf16, causal. Token patterns (
   window  sink block + a per-token sliding window of K/4 keys + random key blocks shared by the
           query block (neighbours overlap, but no two tokens have the same set);
   random  K keys drawn per token uniformly from its causal prefix (no overlap: worst case).
-Variants: topk (per-token lists, row-masked), topk_merged (sorted union of T tokens' lists;
-kernel time with the union cached, and the merge itself as its own row), block_sparse,
+Variants: topk (per-token lists, row-masked), topk_merged (union of T=16/32 tokens' lists;
+kernel time with the union cached), merge (the Triton merge alone), topk_merged+merge (both,
+as topk_attention(merge=True) on a fresh layout), merge_torch (the old sort merge, once),
+block_sparse,
 flex_block (FlexAttention on the same block mask).
 
     python bench/bench_topk.py --out bench/out [--budget-s 270]   # H100: 128k, K=2048/1024/512
