@@ -47,6 +47,9 @@ SWEEP = (
     {"select_rows": 32, "select_splits": 8},
     {"search_rows": 64, "search_block_k": 64},
     {"search_rows": 64, "search_splits": 4, "long_stride": 16, "select_splits": 8},
+    {"long_stride": 16, "search_splits": 4, "select_splits": 8},
+    {"long_stride": 32},
+    {"long_stride": 32, "search_splits": 4, "select_splits": 8},
 )
 
 
