@@ -270,21 +270,20 @@ def _store_tile(Out, Lse, Stats, acc, l_i, m_i, n_skipped, n_visited, b, head, t
 
 
 @triton.jit
-def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, Counts, Indices, Stats,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_cb, stride_ch, stride_cm,
+def _attend_layout_blocks(
+    Q, K, V, Counts, Indices,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im, stride_ij,
     seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
     GROUP: tl.constexpr, PACK: tl.constexpr, LAYOUT_PER_KV_HEAD: tl.constexpr,
     LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    """A program's tile, its Q load and the online softmax over the key blocks its layout
+    lists: the whole block-sparse kernel but the store, and the first part of the stripe
+    kernel. Returns the tile's coordinates, K/V pointers and softmax state."""
     pid_bh, pid_m, b, h_kv, h_layout, t0, head, tok, row_pos, m_row = _tile_coords(
         seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, GROUP, PACK, LAYOUT_PER_KV_HEAD,
         BLOCK_M)
@@ -301,6 +300,35 @@ def _block_sparse_fwd_kernel(
         stride_vd, count, p_idx, stride_ij, t0, last_row, row_pos, seqlen_q, seqlen_k,
         qk_scale, log2_threshold, LAYOUT_BN, BLOCK_N, HEAD_DIM, BLOCK_D, IS_CAUSAL,
         USE_THRESHOLD, USE_TMA)
+    return (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q,
+            K_ptr, V_ptr, acc, l_i, m_i, n_skipped, n_visited)
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, Counts, Indices, Stats,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_cb, stride_ch, stride_cm,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
+    GROUP: tl.constexpr, PACK: tl.constexpr, LAYOUT_PER_KV_HEAD: tl.constexpr,
+    LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
+):
+    (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q, K_ptr,
+     V_ptr, acc, l_i, m_i, n_skipped, n_visited) = _attend_layout_blocks(
+        Q, K, V, Counts, Indices,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, stride_ch, stride_cm,
+        stride_ib, stride_ih, stride_im, stride_ij,
+        seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
+        GROUP, PACK, LAYOUT_PER_KV_HEAD, LAYOUT_BM, LAYOUT_BN, BLOCK_M, BLOCK_N, HEAD_DIM,
+        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
     _store_tile(Out, Lse, Stats, acc, l_i, m_i, n_skipped, n_visited, b, head, tok, m_row,
                 pid_bh * num_m_tiles + pid_m, stride_ob, stride_oh, stride_om, stride_od,
                 seqlen_q, num_head_tiles * PACK, HEAD_DIM, BLOCK_D, RETURN_LSE, USE_THRESHOLD)

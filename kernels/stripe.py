@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse import (_attend_listed_blocks, _attend_tile, _load_q_kv, _store_tile,
-                           _tile_coords, plan_launch)
+from .block_sparse import _attend_layout_blocks, _attend_tile, _store_tile, plan_launch
 
 
 @triton.jit
@@ -45,23 +44,16 @@ def _stripe_fwd_kernel(
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
     USE_TMA: tl.constexpr = False,
 ):
-    pid_bh, pid_m, b, h_kv, h_layout, t0, head, tok, row_pos, m_row = _tile_coords(
-        seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, GROUP, PACK, LAYOUT_PER_KV_HEAD,
-        BLOCK_M)
-    q_block = t0 // LAYOUT_BM
-    b_q, K_ptr, V_ptr, K_base, V_base, m_i, l_i, acc, n_skipped = _load_q_kv(
-        Q, K, V, b, head, tok, m_row, h_kv, stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, seqlen_k,
-        BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
-    count = tl.load(Counts + b * stride_cb + h_layout * stride_ch + q_block * stride_cm)
-    p_idx = Indices + b * stride_ib + h_layout * stride_ih + q_block * stride_im
-    last_row = tl.minimum(t0 + BLOCK_M // PACK, seqlen_q) - 1 + (seqlen_k - seqlen_q)
     # 1. dense key blocks: the block-sparse kernel's loop
-    acc, l_i, m_i, n_skipped, n_visited = _attend_listed_blocks(
-        acc, l_i, m_i, n_skipped, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn,
-        stride_vd, count, p_idx, stride_ij, t0, last_row, row_pos, seqlen_q, seqlen_k,
-        qk_scale, log2_threshold, LAYOUT_BN, BLOCK_N, HEAD_DIM, BLOCK_D, IS_CAUSAL,
-        USE_THRESHOLD, USE_TMA)
+    (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q, K_ptr,
+     V_ptr, acc, l_i, m_i, n_skipped, n_visited) = _attend_layout_blocks(
+        Q, K, V, Counts, Indices,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd, stride_cb, stride_ch, stride_cm,
+        stride_ib, stride_ih, stride_im, stride_ij,
+        seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
+        GROUP, PACK, LAYOUT_PER_KV_HEAD, LAYOUT_BM, LAYOUT_BN, BLOCK_M, BLOCK_N, HEAD_DIM,
+        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
 
     # 2. stripes, BLOCK_NS gathered positions at a time
     col_count = tl.load(ColCounts + b * stride_sb + h_layout * stride_sh + q_block * stride_sm)
