@@ -101,3 +101,21 @@ def assert_sync_free_and_capturable(fn, *, capture: bool = True):
     torch.cuda.synchronize()
     assert_same_tensors(captured, ref)
     return ref
+
+
+def load_bench_module(name: str):
+    """A ``bench/<name>.py`` script imported as a module, with ``bench/`` on ``sys.path`` while
+    it loads (the scripts import ``_common``); a generator for module-scoped fixtures."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", bench / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.path.remove(str(bench))

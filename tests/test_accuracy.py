@@ -1,30 +1,19 @@
 """CPU smoke of bench/accuracy.py's core: capture on a tiny random Llama, layout evaluation
 against direct computations, summaries and the plot."""
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench_module
 
 from sparse_attn import estimators
 from sparse_attn.estimators.metrics import attention_recall
 from sparse_attn.layout import BlockLayout, StripeLayout
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
 def acc():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("accuracy_bench", BENCH / "accuracy.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from load_bench_module("accuracy")
 
 
 def _qkv(hq=4, hkv=2, s=300, d=32, seed=0):

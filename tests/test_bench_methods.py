@@ -1,28 +1,17 @@
 """bench/niah.py's method options (shared with bench/ppl.py): --methods/--config parsing and
 the --attn mask emulation of the sparse ops (CPU, no model)."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench_module
 
 import sparse_attn
 from sparse_attn import module
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
 def niah():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("niah_bench", BENCH / "niah.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from load_bench_module("niah")
 
 
 def test_default_methods_skip_dense_and_oracle(niah):
