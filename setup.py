@@ -10,7 +10,7 @@ import os
 from setuptools import setup
 
 # keep in sync with sparse_attn/_cuda.py SOURCES (tests/test_cuda_build.py checks)
-CSRC = ("bindings.cpp", "lowbit_qk.cu", "select.cu")
+CSRC = ("bindings.cpp", "lowbit_qk.cu", "select.cu", "topk_merge.cu")
 
 
 def cuda_extension():

@@ -10,8 +10,9 @@ Batch 1, 32 query / 8 KV heads (Llama-8B), d=128, bf16, causal. Token patterns (
           query block (neighbours overlap, but no two tokens have the same set);
   random  K keys drawn per token uniformly from its causal prefix (no overlap: worst case).
 Variants: topk (per-token lists, row-masked), topk_merged (union of T=16/32 tokens' lists;
-kernel time with the union cached), merge (the Triton merge alone), topk_merged+merge (both,
-as topk_attention(merge=True) on a fresh layout), merge_torch (the old sort merge, once),
+kernel time with the union cached), merge (the default merge alone: the CUDA kernel when the
+extension loads), merge_triton (the Triton merge alone), topk_merged+merge (merge + kernel, as
+topk_attention(merge=True) on a fresh layout), merge_torch (the old sort merge, once),
 block_sparse,
 flex_block (FlexAttention on the same block mask).
 
@@ -29,6 +30,7 @@ import torch
 from _common import (Budget, add_shape_args, attention_tflop, env_info, env_line,
                      exit_on_sigterm, free_cuda, guarded, parse_list, print_table, random_qkv,
                      require_cuda, run_meta, tflops, time_provider, write_results)
+from sparse_attn import _cuda
 from sparse_attn import (BlockLayout, TopKLayout, block_sparse_attention, topk_attention,
                          topk_indices)
 
@@ -326,10 +328,17 @@ def pattern_rows(args, q, k, v, keys, pattern, flex, timing, budget, tune=None):
                                             merged_lists=merged)[0],
             out_key=f"topk_merged{t_m}", tokens=t_m, union=ratio, config=str(cfg),
             note="kernel alone (union cached)")
+        merge_backend = "cuda" if _cuda.available() else "triton"
         m = add("merge", lambda: merge_token_lists(layout.indices, t_m, seqlen_k=s,
                                                    causal_offset=0),
-                out_key=False, tokens=t_m, note="merge_token_lists alone (Triton)")
+                out_key=False, tokens=t_m,
+                note=f"merge_token_lists alone ({merge_backend}, the default backend)")
         m["tflops"] = None
+        if merge_backend == "cuda" and not budget.spent():
+            m = add("merge_triton", lambda: merge_token_lists(
+                        layout.indices, t_m, seqlen_k=s, causal_offset=0, backend="triton"),
+                    out_key=False, tokens=t_m, note="merge_token_lists alone (Triton backend)")
+            m["tflops"] = None
         if not budget.spent():
             def e2e(t_m=t_m):
                 layout._merged.clear()

@@ -186,6 +186,46 @@ at::Tensor lowbit_block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_token_lists_cuda(
+    const at::Tensor& indices, int64_t tokens, int64_t seqlen_k,
+    c10::optional<int64_t> causal_offset) {
+  const std::string name = "merge_token_lists";
+  TORCH_CHECK(indices.defined() && indices.layout() == at::kStrided,
+              name + ": indices must be a dense tensor");
+  TORCH_CHECK(indices.is_cuda(), name + ": indices must be a CUDA tensor, got " +
+                                     text(indices.device()));
+  TORCH_CHECK(indices.scalar_type() == at::kInt,
+              name + ": indices must be int32, got " + text(indices.scalar_type()));
+  TORCH_CHECK(indices.dim() == 4,
+              name + ": indices must be [B, H, Sq, K], got " + text(indices.sizes()));
+  TORCH_CHECK(tokens >= 1 && tokens <= 32, name + ": tokens must lie in [1, 32], got " +
+                                               text(tokens));
+  TORCH_CHECK(seqlen_k >= 0 && seqlen_k < (int64_t{1} << 31),
+              name + ": seqlen_k must lie in [0, 2^31), got " + text(seqlen_k));
+  const int64_t batch = indices.size(0), heads = indices.size(1);
+  const int64_t seqlen_q = indices.size(2), topk = indices.size(3);
+  const int64_t tiles = (seqlen_q + tokens - 1) / tokens;
+  TORCH_CHECK(batch * heads * tiles < (int64_t{1} << 31) && seqlen_q < (int64_t{1} << 31) &&
+                  topk < (int64_t{1} << 24),
+              name + ": sizes beyond the kernel's indexing: " + text(indices.sizes()));
+  c10::cuda::CUDAGuard guard(indices.device());
+  auto opts = indices.options();
+  auto union_out = at::empty({batch, heads, tiles, tokens * topk}, opts);
+  auto owners = at::empty({batch, heads, tiles, tokens * topk}, opts);
+  auto counts = at::empty({batch, heads, tiles}, opts);
+  SA_CHECK_CUDA(
+      launch_merge_token_lists(
+          indices.data_ptr<int32_t>(), indices.stride(0), indices.stride(1), indices.stride(2),
+          indices.stride(3), static_cast<int>(batch), static_cast<int>(heads),
+          static_cast<int>(seqlen_q), static_cast<int>(topk), static_cast<int>(tokens),
+          static_cast<int>(seqlen_k), causal_offset.has_value(),
+          causal_offset.has_value() ? *causal_offset : 0, union_out.data_ptr<int32_t>(),
+          owners.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+          c10::cuda::getCurrentCUDAStream()),
+      "merge_token_lists");
+  return {union_out, owners, counts};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparse_attn, m) {
@@ -196,11 +236,15 @@ TORCH_LIBRARY(sparse_attn, m) {
       "lowbit_block_scores(Tensor q, Tensor k, Tensor q_scale, Tensor k_scale, Tensor row_pos, "
       "int rows, int block_n, int seqlen_q, bool causal, float scale, int sink_blocks, "
       "int local_blocks, bool window) -> Tensor");
+  m.def(
+      "merge_token_lists(Tensor indices, int tokens, int seqlen_k, int? causal_offset) -> "
+      "(Tensor union, Tensor owners, Tensor counts)");
 }
 
 TORCH_LIBRARY_IMPL(sparse_attn, CUDA, m) {
   m.impl("select_blocks", &select_blocks_cuda);
   m.impl("lowbit_block_scores", &lowbit_block_scores_cuda);
+  m.impl("merge_token_lists", &merge_token_lists_cuda);
 }
 
 }  // namespace sparse_attn

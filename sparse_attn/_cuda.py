@@ -27,7 +27,7 @@ import torch
 logger = logging.getLogger("sparse_attn")
 
 # translation units of the extension (csrc/); kernels are torch-free, bindings.cpp is not
-SOURCES = ("bindings.cpp", "lowbit_qk.cu", "select.cu")
+SOURCES = ("bindings.cpp", "lowbit_qk.cu", "select.cu", "topk_merge.cu")
 EXTENSION_NAME = "sparse_attn_C"
 # key blocks per row the selection kernel keeps in shared memory (csrc/sparse_attn.h)
 SELECT_MAX_BLOCKS = 32768
@@ -101,6 +101,13 @@ def _register_fakes() -> None:
         nkb = -(-k.shape[2] // block_n)
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2] // rows, nkb),
                            dtype=torch.float32)
+
+    @torch.library.register_fake("sparse_attn::merge_token_lists")
+    def _(indices, tokens, seqlen_k, causal_offset):
+        batch, heads, sq, topk = indices.shape
+        shape = (batch, heads, -(-sq // tokens), tokens * topk)
+        return (indices.new_empty(shape), indices.new_empty(shape),
+                indices.new_empty(shape[:3]))
 
 
 @functools.cache
@@ -241,3 +248,44 @@ def lowbit_block_scores(q_rows: torch.Tensor, k: torch.Tensor, row_pos: torch.Te
         k_scale.to(dev, torch.float32).contiguous(), row_pos.to(dev, torch.int32).contiguous(),
         rows, block_n, int(seqlen_q), bool(causal), float(scale), sink, local,
         window is not None)
+
+
+def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int,
+                      causal_offset: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CUDA backend of ``kernels/topk.py: merge_token_lists`` (csrc/topk_merge.cu): the
+    same contract, except that each tile's union comes out in ascending key order.
+
+    Args:
+        indices: int32 CUDA ``[B, H, Sq, K]`` (any strides), -1 padded, keys < ``seqlen_k``.
+        tokens: tokens per tile, 1..32.
+        seqlen_k: key length.
+        causal_offset: token ``i`` keeps only keys ``<= i + causal_offset``, or None.
+
+    Returns:
+        ``(union, owners, counts)``: int32 ``[B, H, NT, T*K]`` twice and ``[B, H, NT]``.
+
+    Example:
+        >>> union, owners, counts = merge_token_lists(idx, 32, seqlen_k=S,
+        ...                                           causal_offset=0)  # doctest: +SKIP
+    """
+    name = "merge_token_lists"
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 4:
+        raise TypeError(f"{name}: indices must be an int32 [B, H, Sq, K] tensor, got "
+                        f"{getattr(indices, 'dtype', type(indices))} "
+                        f"{tuple(getattr(indices, 'shape', ()))}")
+    if not indices.is_cuda:
+        raise ValueError(f"{name}: indices must be on a CUDA device, got {indices.device}")
+    if not (isinstance(tokens, int) and 1 <= tokens <= 32):
+        raise ValueError(f"{name}: tokens must lie in [1, 32], got {tokens!r}")
+    if not (isinstance(seqlen_k, int) and 0 <= seqlen_k < 2**31):
+        raise ValueError(f"{name}: seqlen_k must lie in [0, 2**31), got {seqlen_k!r}")
+    batch, heads, sq, topk = indices.shape
+    if batch * heads * -(-sq // tokens) >= 2**31 or topk >= 2**24:
+        raise ValueError(f"{name}: sizes {tuple(indices.shape)} beyond the kernel's indexing")
+    ext = ops()
+    if ext is None:
+        raise RuntimeError(f"{name}: the CUDA extension is not available ({_state['state']}: "
+                           f"{_state['detail']})")
+    return ext.merge_token_lists(indices, tokens, seqlen_k,
+                                 None if causal_offset is None else int(causal_offset))

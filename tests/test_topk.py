@@ -247,34 +247,62 @@ def test_topk_indices_bad_input():
         sa.topk_indices(torch.ones(1, 1, 4, 4, dtype=torch.int32), 2)
 
 
+def _check_merge(indices, tokens, seqlen_k, causal_offset, got):
+    """A merge's (union, owners, counts) against brute force: per tile the distinct keys its
+    tokens list (and may see), each once, with bit t set exactly when token t lists it."""
+    union, owners, counts = (x.cpu() for x in got)
+    idx = indices.cpu().long()
+    batch, heads, sq, _ = idx.shape
+    nt = -(-sq // tokens)
+    assert union.shape == owners.shape == (batch, heads, nt, tokens * idx.shape[-1])
+    assert counts.shape == (batch, heads, nt)
+    for b in range(batch):
+        for h in range(heads):
+            for tile in range(nt):
+                rows = range(tile * tokens, min(sq, tile * tokens + tokens))
+                lists = []
+                for t in rows:
+                    keys = idx[b, h, t]
+                    ok = (keys >= 0) & (keys < seqlen_k)
+                    if causal_offset is not None:
+                        ok &= keys <= t + causal_offset
+                    lists.append(keys[ok])
+                want = torch.cat(lists).unique()  # sorted
+                n = int(counts[b, h, tile])
+                keys, order = union[b, h, tile, :n].long().sort()
+                assert torch.equal(keys, want), (b, h, tile)
+                bits = owners[b, h, tile, :n][order].long() & 0xFFFFFFFF
+                expect = torch.zeros_like(want)
+                for r, listed in enumerate(lists):
+                    expect |= torch.isin(want, listed).long() << r
+                assert torch.equal(bits, expect), (b, h, tile)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_merge_token_lists(causal):
     """Triton union (unsorted, owner bits, causal filter) and the torch segmented-sort one
     against brute force."""
     sq, sk, kk, tokens = 11, 30, 6, 4
     layout = _random_layout(1, 2, sq, sk, kk, "cpu", local=4, causal=False)
-    mask = layout.to_mask(sq, sk)
-    if causal:
-        mask &= torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
-    got = merge_token_lists(layout.indices.to(DEVICE), tokens, seqlen_k=sk,
-                            causal_offset=sk - sq if causal else None)
-    union, owners, counts = (x.cpu() for x in got)
-    t_union, t_owners, t_counts = merge_token_lists_torch(layout.indices, tokens, chunk_elems=64)
-    for h in range(2):
-        for tile in range(3):
-            rows = list(range(tile * tokens, min(sq, tile * tokens + tokens)))
-            want = mask[0, h, rows].any(0).nonzero().flatten()
-            n = int(counts[0, h, tile])
-            keys, order = union[0, h, tile, :n].long().sort()
-            assert torch.equal(keys, want)
-            for key, bits in zip(keys.tolist(), owners[0, h, tile, :n][order].tolist()):
-                for r, t in enumerate(rows):
-                    assert bool(bits >> r & 1) == bool(mask[0, h, t, key])
-            if not causal:
-                m = int(t_counts[0, h, tile])
-                assert torch.equal(t_union[0, h, tile, :m].long(), want)
-                assert bool((t_union[0, h, tile, m:] == -1).all())
-                assert torch.equal(t_owners[0, h, tile, :m], owners[0, h, tile, :n][order])
+    offset = sk - sq if causal else None
+    got = merge_token_lists(layout.indices.to(DEVICE), tokens, seqlen_k=sk, causal_offset=offset,
+                            backend="triton")
+    _check_merge(layout.indices, tokens, sk, offset, got)
+    if not causal:
+        t_union, t_owners, t_counts = merge_token_lists_torch(layout.indices, tokens,
+                                                              chunk_elems=64)
+        _check_merge(layout.indices, tokens, sk, None, (t_union, t_owners, t_counts))
+        past = torch.arange(t_union.shape[-1]) >= t_counts[..., None]
+        assert bool((t_union[past] == -1).all())  # the torch merge pads with -1
+
+
+def test_merge_backend_argument():
+    idx = torch.zeros(1, 1, 4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend"):
+        merge_token_lists(idx, 2, seqlen_k=4, backend="torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            merge_token_lists(idx, 2, seqlen_k=4, backend="cuda")
 
 
 # ------------------------------------------------------------------------------- GPU
@@ -297,6 +325,53 @@ def test_gpu_bf16_large(case, merge):
     scores += 3.0 * ((cols <= pos) & (cols > pos - 128))  # a local window: neighbours overlap
     layout = sa.topk_indices(scores, topk, causal=True)
     _check(q, k, v, layout, True, merge=merge)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    # b, h, sq, sk, k, tokens, causal_offset, pattern
+    (2, 3, 77, 130, 24, 32, 53, "local"),        # odd lengths, last tile short, causal
+    (1, 2, 64, 5000, 300, 7, None, "random"),    # T not a power of two, non-causal
+    (1, 1, 64, 100_000, 400, 32, None, "random"),  # table overflow: second pass, on chip
+    (1, 1, 64, 200_000, 1024, 32, None, "random"),  # union > on-chip owner words: global ORs
+    (1, 2, 40, 600_000, 256, 16, 599_960, "random"),  # keys past one shared-memory window
+    (1, 1, 33, 33, 33, 1, 0, "padded"),          # one token per tile, -1 padding in rows
+    (2, 2, 70, 3000, 256, 32, None, "shared"),   # the tile's tokens share their keys
+    (1, 2, 70, 3000, 256, 32, 2930, "shared"),   # the same, causal
+], ids=["local-causal", "T7", "owners-on-chip", "owners-global", "windows", "T1-padded",
+        "shared", "shared-causal"])
+def test_gpu_cuda_merge_matches_brute_force(case):
+    """csrc/topk_merge.cu against brute force, and the Triton merge on the same lists."""
+    from sparse_attn import _cuda
+
+    assert _cuda.available(), _cuda.status()
+    b, h, sq, sk, kk, tokens, offset, pattern = case
+    g = torch.Generator(device="cpu").manual_seed(sq + sk)
+    if pattern == "local":
+        layout = _random_layout(b, h, sq, sk, kk, "cpu", local=16, causal=False)
+        idx = layout.indices
+    elif pattern == "shared":  # the tile's tokens list the same keys, each in its own order
+        sets = torch.stack([torch.randperm(sk, generator=g)[:kk] for _ in range(b * h)])
+        idx = torch.stack([s[torch.randperm(kk, generator=g)] for s in sets
+                           for _ in range(sq)]).view(b, h, sq, kk).int()
+    else:  # distinct random keys per row (disjoint neighbours: the large-union case)
+        idx = torch.stack([torch.randperm(sk, generator=g)[:kk] for _ in range(b * h * sq)])
+        idx = idx.view(b, h, sq, kk).int()
+        if pattern == "padded":
+            idx[torch.rand(idx.shape, generator=g) < 0.3] = -1
+    idx = idx.cuda()
+    if pattern == "random" and sq > 50:
+        idx = idx.transpose(2, 3).contiguous().transpose(2, 3)  # strided rows
+    got = merge_token_lists(idx, tokens, seqlen_k=sk, causal_offset=offset, backend="cuda")
+    _check_merge(idx, tokens, sk, offset, got)
+    union, _, counts = got
+    for tile_union, n in zip(union.flatten(0, 2), counts.flatten().tolist()):
+        keys = tile_union[:n]
+        assert bool((keys[1:] > keys[:-1]).all())  # ascending
+    if sk <= 5000:
+        _check_merge(idx, tokens, sk, offset,
+                     merge_token_lists(idx, tokens, seqlen_k=sk, causal_offset=offset,
+                                       backend="triton"))
 
 
 @pytest.mark.gpu
