@@ -23,8 +23,8 @@ each position, and the other rows see -inf. Two ways to form the chunks (MERGED 
 Cost per query token: loads ~ |union| / T x D x 4 bytes, MMA ~ |union| x G_PAD x D x 4 flops.
 Measured (H100, 128k, 32/8 heads, d=128, bf16, causal, K=2048; block-sparse kernel 9.7 ms at
 the same keys): per-token 173 ms (17.8x: 4x wasted MMA rows, every token re-gathers its 2048
-K/V rows); merged T=32, union cached 13.5 ms (1.4x); the merge itself 7.1 ms on the CUDA
-kernel (2.07x with it), 35 ms with the Triton one, 371 ms as a torch segmented sort. Random
+K/V rows); merged T=32, union cached 13.3 ms (1.4x); the merge itself 6.9 ms on the CUDA
+kernel (2.09x with it), 35 ms with the Triton one, 371 ms as a torch segmented sort. Random
 disjoint lists (union 11-18x K): per-token 299 ms beats merged (267 ms kernel + 105 ms CUDA
 merge): use merge=False there.
 """
