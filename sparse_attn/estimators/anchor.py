@@ -18,7 +18,9 @@ On CUDA the estimation runs in Triton (``kernels/stripe_estimate.py``: the ancho
 one kernel, then one pass over the keys that selects and compacts the columns; ``mass`` /
 ``density`` / ``top_k`` add a histogram pass that turns the budget into a per-block threshold,
 so the kept set can exceed the exact budget by one histogram bin). On the CPU it runs in torch,
-chunked over query blocks, with exact selection.
+chunked over query blocks, with exact selection; beyond ``CONFIG["long_keys"]`` keys both
+paths take a budget's threshold from every ``CONFIG["long_stride"]``-th key
+(:meth:`Anchor.sample_stride`).
 """
 from __future__ import annotations
 
@@ -222,6 +224,7 @@ class Anchor(StripeEstimator):
         nqb = qbar.shape[2]
         last = last_rows(sq, sk, self.block_m, q.device)
         keys = torch.arange(sk, device=q.device)
+        stride = self.sample_stride(sk)
         out = torch.zeros(batch, heads, nqb, sk, dtype=torch.bool, device=q.device)
         step = max(1, _CHUNK_BYTES // max(1, batch * hq * sk * 4))
         for m0 in range(0, nqb, step):
@@ -240,10 +243,37 @@ class Anchor(StripeEstimator):
                 count = (self.density * reach.sum(-1)).round().clamp(min=1).long()
             elif self.top_k is not None:
                 count = (forced & reach).sum(-1) + self.top_k
-            chosen = select_blocks(probs, valid=reach, keep=forced & reach, mass=self.mass,
-                                   count=count)
-            out[:, :, m0:m1] = chosen & cand
+            if stride == 1:
+                chosen = select_blocks(probs, valid=reach, keep=forced & reach, mass=self.mass,
+                                       count=count)
+                out[:, :, m0:m1] = chosen & cand
+                continue
+            # the GPU rule: the budget's threshold from every stride-th key, applied to all
+            smp = keys % stride == 0
+            if count is not None:  # forced sampled keys + the sampled share of the rest
+                forced_s = (forced & reach)[:, smp].sum(-1)
+                count = forced_s + torch.ceil((count - (forced & reach).sum(-1)).clamp(min=0)
+                                              / stride).long()
+            chosen = select_blocks(probs[..., smp], valid=reach[:, smp],
+                                   keep=(forced & reach)[:, smp], mass=self.mass, count=count)
+            picked = chosen & cand[:, smp]
+            thr = torch.where(picked, diff[..., smp], float("inf")).amin(-1, keepdim=True)
+            every = (picked == cand[:, smp]).all(-1, keepdim=True)  # the sample needs all
+            thr = torch.where(every & picked.any(-1, keepdim=True), float("-inf"), thr)
+            out[:, :, m0:m1] = (diff >= thr) & cand
         return out
+
+    def sample_stride(self, seqlen_k: int) -> int:
+        """Key stride of the budget search: the Triton rule (every ``CONFIG["long_stride"]``-th
+        key beyond ``CONFIG["long_keys"]`` keys of ``kernels/stripe_estimate.py``), so both
+        paths select with the same sampled threshold; 1 for ``theta`` (no search)."""
+        if self.theta is not None:
+            return 1
+        try:
+            from ..kernels.stripe_estimate import CONFIG
+        except ImportError:  # no triton: the kernel module's defaults
+            CONFIG = {"long_keys": 16384, "long_stride": 8}
+        return 1 if seqlen_k <= CONFIG["long_keys"] else int(CONFIG["long_stride"])
 
 
 def _blocks(dense: torch.Tensor, batch: int, heads: int, block_m: int, block_n: int,
