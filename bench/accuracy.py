@@ -17,6 +17,11 @@ mass=0.95 comparison against the oracle and an equal-density recall comparison; 
 ``accuracy.json`` and ``accuracy.png`` (recall and output error versus density, all methods).
 
     python bench/accuracy.py --seqlen 4096 --layers 0,5,10,15,20,25,29 --out bench/results/cpu
+
+``--anchor-strides 1,8,32 --long-keys 2048`` adds ``anchor~sN`` variants (mass points only):
+anchor with ``kernels/stripe_estimate.CONFIG["long_stride"] = N`` and ``long_keys`` lowered, so
+the strided key sample of the budget search applies at these lengths (both the Triton and the
+torch path follow it).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ POINTS: dict[str, list[dict]] = {
 }
 # at these densities the equal-density comparison interpolates every method's curve
 EQUAL_DENSITIES = (0.2, 0.3, 0.4, 0.5)
+BUDGET_KEY = "mass"  # --budget-key density: the swept methods take MASSES as density budgets
 ROW_CHUNK_BYTES = 256 * 2**20
 
 _RECORDED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -197,7 +203,7 @@ def method_points(name: str) -> list[dict]:
         return POINTS[name]
     cls = type(estimators.get(name))
     fields = {f.name for f in dataclasses.fields(cls)}
-    return [{"mass": m} for m in MASSES] if "mass" in fields else [{}]
+    return [{BUDGET_KEY: m} for m in MASSES] if "mass" in fields else [{}]
 
 
 def make_estimator(name: str, config: dict):
@@ -232,12 +238,48 @@ def run_threshold(q, k, v, config: dict, layer: int) -> list[dict]:
              "estimate_s": elapsed, "lambda": lam} for h in range(q.shape[1])]
 
 
+def _variant(name: str) -> tuple[str, int | None]:
+    """``anchor~s8`` -> ``("anchor", 8)``: the estimator and its search's key stride."""
+    if "~s" not in name:
+        return name, None
+    base, stride = name.split("~s")
+    if base != "anchor" or not stride.isdigit() or int(stride) < 1:
+        raise SystemExit(f"method variant {name!r}: only anchor~sN (N >= 1) is accepted")
+    return base, int(stride)
+
+
+class _stride_config:
+    """Within: ``stripe_estimate.CONFIG`` with ``long_stride`` (and ``long_keys``) set."""
+
+    def __init__(self, stride: int | None, long_keys: int | None):
+        self.set = {} if stride is None else {"long_stride": stride}
+        if stride is not None and long_keys is not None:
+            self.set["long_keys"] = long_keys
+
+    def __enter__(self):
+        from sparse_attn.kernels import stripe_estimate as se
+        self.saved = dict(se.CONFIG)
+        se.CONFIG.update(self.set)
+
+    def __exit__(self, *exc):
+        from sparse_attn.kernels import stripe_estimate as se
+        se.CONFIG.clear()
+        se.CONFIG.update(self.saved)
+
+
+LONG_KEYS: int | None = None  # --long-keys: for the anchor~sN variants
+
+
 def run_layer(q, k, v, methods: list[str], layer: int, notes: dict) -> list[dict]:
     """Every method x budget point on one layer: rows (one per method, budget, head)."""
     layouts, labels, est_s = {}, {}, {}
     rows = []
     for name in methods:
-        for config in method_points(name):
+        base, stride = _variant(name)
+        points = method_points(base)
+        if stride is not None:
+            points = [c for c in points if "mass" in c]
+        for config in points:
             key = f"{name}|{budget_label(config)}"
             if name == "threshold":
                 try:
@@ -246,9 +288,10 @@ def run_layer(q, k, v, methods: list[str], layer: int, notes: dict) -> list[dict
                     notes.setdefault(key, f"{type(exc).__name__}: {exc}"[:300])
                 continue
             try:
-                est = make_estimator(name, config)
+                est = make_estimator(base, config)
                 t0 = time.perf_counter()
-                layout = est.estimate(q, k, causal=True)
+                with _stride_config(stride, LONG_KEYS):
+                    layout = est.estimate(q, k, causal=True)
                 est_s[key] = time.perf_counter() - t0
                 layout_masks(layout, k.shape[2])
             except Exception as exc:  # noqa: BLE001 - a method that cannot run is noted, not fatal
@@ -261,7 +304,8 @@ def run_layer(q, k, v, methods: list[str], layer: int, notes: dict) -> list[dict
         name, label, config = labels[key]
         for h in range(q.shape[1]):
             rows.append({"layer": layer, "head": h, "method": name, "budget": label,
-                         "curve": name + ("[theta]" if "theta" in config else ""),
+                         "curve": name + ("[theta]" if "theta" in config else
+                                          "[density]" if "density" in config else ""),
                          "mass_budget": config.get("mass"),
                          "recall": float(r["recall"][0, h]), "rel_l2": float(r["rel_l2"][0, h]),
                          "density": float(r["density"][0, h]), "estimate_s": est_s[key]})
@@ -406,16 +450,36 @@ def default_methods() -> list[str]:
 
 
 def main(argv=None) -> None:
+    global MASSES, EQUAL_DENSITIES, LONG_KEYS, BUDGET_KEY  # noqa: PLW0603 - from options
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlen", type=int, default=4096, help="tokens of text (4k-8k)")
     ap.add_argument("--layers", default="all", help="layer indices, e.g. 0,5,10 (default all)")
     ap.add_argument("--methods", default="all", help="estimator names (default: every one)")
     ap.add_argument("--device", default="cpu", help="cpu (fp32, default) or cuda (bf16 model)")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--masses", default=None, metavar="M,...",
+                    help=f"mass budget points of the mass-swept methods (default {MASSES})")
+    ap.add_argument("--budget-key", choices=("mass", "density"), default="mass",
+                    help="the budget the swept methods take the --masses values as")
+    ap.add_argument("--equal-densities", default=None, metavar="D,...",
+                    help=f"densities of the equal-density table (default {EQUAL_DENSITIES})")
+    ap.add_argument("--anchor-strides", default="", metavar="N,...",
+                    help="add anchor~sN variants: the budget search samples every N-th key")
+    ap.add_argument("--long-keys", type=int, default=None,
+                    help="with --anchor-strides: sample beyond this many keys (default: "
+                         "stripe_estimate.CONFIG's, 16384)")
     ap.add_argument("--resummarize", default=None, metavar="JSON",
                     help="only recompute the summaries, tables and plot of an accuracy.json")
     args = ap.parse_args(argv)
     exit_on_sigterm()
+    if args.masses:
+        MASSES = tuple(parse_list(args.masses, float))
+        POINTS["anchor"] = [{"mass": m} for m in MASSES] + POINTS["anchor"][-3:]
+    BUDGET_KEY = args.budget_key
+    if BUDGET_KEY == "density":
+        POINTS["anchor"] = [{"density": m} for m in MASSES]
+    if args.equal_densities:
+        EQUAL_DENSITIES = tuple(parse_list(args.equal_densities, float))
     if args.resummarize:
         resummarize(Path(args.resummarize))
         return
@@ -425,8 +489,10 @@ def main(argv=None) -> None:
 
     methods = default_methods() if args.methods == "all" else [
         m.strip() for m in args.methods.split(",") if m.strip()]
+    methods += [f"anchor~s{n}" for n in parse_list(args.anchor_strides, int)]
+    LONG_KEYS = args.long_keys
     for m in methods:  # bad names fail before the slow load
-        method_points(m)
+        method_points(_variant(m)[0])
     t_start = time.perf_counter()
     model, tokenizer, dev, dtype = load_model(args.device)
     n_layers = model.config.num_hidden_layers
@@ -444,6 +510,7 @@ def main(argv=None) -> None:
     meta = {**run_meta(info), "model": f"SmolLM2-135M-Instruct (gguf Q4_1 -> "
             f"{str(dtype).replace('torch.', '')})", "device": str(dev), "seqlen": args.seqlen,
             "layers": layers, "methods": methods, "tiles": "64x64 where configurable",
+            "long_keys": args.long_keys, "budget_points": {BUDGET_KEY: list(MASSES)},
             "text": "sparse_attn/data license texts, first tokens"}
     notes: dict[str, str] = {}
     rows: list[dict] = []

@@ -121,3 +121,23 @@ def test_capture_on_tiny_llama(acc):
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                            enable_gqa=True)
     assert torch.isfinite(out).all()
+
+
+def test_anchor_stride_variants(acc, monkeypatch):
+    """anchor~sN rows: mass points only, CONFIG restored afterwards, stride 1 = plain anchor."""
+    from sparse_attn.kernels import stripe_estimate as se
+
+    before = dict(se.CONFIG)
+    monkeypatch.setattr(acc, "LONG_KEYS", 128)
+    q, k, v = _qkv(s=384, d=64, seed=4)
+    rows = acc.run_layer(q, k, v, ["anchor", "anchor~s1", "anchor~s4"], 0, {})
+    assert se.CONFIG == before
+    got = {(r["method"], r["budget"], r["head"]): r for r in rows}
+    assert {b for m, b, _ in got if m == "anchor~s4"} == {f"mass={m}" for m in acc.MASSES}
+    for h in range(4):
+        assert got[("anchor~s1", "mass=0.95", h)]["density"] == pytest.approx(
+            got[("anchor", "mass=0.95", h)]["density"])
+    assert any(got[("anchor~s4", "mass=0.95", h)]["density"]
+               != got[("anchor", "mass=0.95", h)]["density"] for h in range(4))
+    with pytest.raises(SystemExit, match="anchor~sN"):
+        acc._variant("block_topk~s4")
