@@ -250,10 +250,11 @@ class Anchor(StripeEstimator):
                 continue
             # the GPU rule: the budget's threshold from every stride-th key, applied to all
             smp = keys % stride == 0
-            if count is not None:  # forced sampled keys + the sampled share of the rest
+            if count is not None:  # as the kernel: the count / stride, less the forced sample
                 forced_s = (forced & reach)[:, smp].sum(-1)
-                count = forced_s + torch.ceil((count - (forced & reach).sum(-1)).clamp(min=0)
-                                              / stride).long()
+                extra = (count / stride - forced_s if self.density is not None
+                         else torch.full_like(count, self.top_k / stride, dtype=torch.float))
+                count = forced_s + torch.ceil(extra).clamp(min=0).long()
             chosen = select_blocks(probs[..., smp], valid=reach[:, smp],
                                    keep=(forced & reach)[:, smp], mass=self.mass, count=count)
             picked = chosen & cand[:, smp]
