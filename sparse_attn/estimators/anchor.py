@@ -270,10 +270,8 @@ class Anchor(StripeEstimator):
         paths select with the same sampled threshold; 1 for ``theta`` (no search)."""
         if self.theta is not None:
             return 1
-        try:
-            from ..kernels.stripe_estimate import CONFIG
-        except ImportError:  # no triton: the kernel module's defaults
-            CONFIG = {"long_keys": 16384, "long_stride": 8}
+        from ..kernels.stripe_estimate import CONFIG  # triton is a dependency, CPU included
+
         return 1 if seqlen_k <= CONFIG["long_keys"] else int(CONFIG["long_stride"])
 
 
