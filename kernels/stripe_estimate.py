@@ -18,8 +18,9 @@ the splits' sums in torch, the selection first counts per split (``MODE=2``) and
 each split from its exclusive prefix.
 
 A budget other than ``theta`` becomes a per-block threshold by an ``NT``-ary search (three
-``MODE=0`` passes, optionally over a strided sample of the keys; the arithmetic between passes is
-torch on the device, no host synchronisation). The threshold is the lower edge of the finest
+``MODE=0`` passes, optionally over a strided sample of the keys: each sampled candidate then
+weighs ``stride`` keys, while the forced sink and local keys are summed exactly; the arithmetic
+between passes is torch on the device, no host synchronisation). The threshold is the lower edge of the finest
 interval where the budget is reached, so the kept set covers the budget and exceeds it by at
 most that interval (0.008 logits).
 """
@@ -101,6 +102,41 @@ def _anchor_pool_kernel(
 
 
 @triton.jit
+def _group_diff(k_base, offs_k, hi, stride_ks, b_qbar, b_abar, scale, offs_d, m_d,
+                QB: tl.constexpr, GP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[QB, BLOCK_K]``: the group's maximum of ``score - anchor`` at keys ``offs_k``."""
+    b_k = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
+                  mask=(offs_k < hi)[:, None] & m_d[None, :], other=0.0)
+    # in K's dtype: bf16/fp16 tensor-core MMA (the pooled query rounds to it)
+    s = tl.dot(b_qbar.to(b_k.dtype), tl.trans(b_k)).to(tl.float32) * scale
+    s = s - b_abar[:, None]  # [QB * GP, BLOCK_K]
+    return tl.max(tl.reshape(s, [QB, GP, BLOCK_K]), axis=1)
+
+
+@triton.jit
+def _forced_weight(k_base, lo, hi, limit, diag, sink_blocks, local_blocks, stride_ks, b_qbar,
+                   b_abar, scale, offs_d, m_d, QB: tl.constexpr, GP: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHTED: tl.constexpr,
+                   MAX_EXP: tl.constexpr):
+    """``[QB]``: the weight of the forced (sink and local) keys in ``[lo, hi)``, every key."""
+    total = tl.zeros([QB], tl.float32)
+    for start in range(lo, hi, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        diff = _group_diff(k_base, offs_k, hi, stride_ks, b_qbar, b_abar, scale, offs_d, m_d,
+                           QB, GP, BLOCK_K)
+        kb = offs_k // BLOCK_N
+        forced = (kb[None, :] < sink_blocks) | (
+            (kb[None, :] <= diag[:, None]) & (kb[None, :] > diag[:, None] - local_blocks))
+        keep = forced & (offs_k[None, :] < limit[:, None]) & (offs_k < hi)[None, :]
+        if WEIGHTED:
+            w = tl.exp(tl.minimum(diff, MAX_EXP))
+        else:
+            w = tl.full([QB, BLOCK_K], 1.0, tl.float32)
+        total += tl.sum(tl.where(keep, w, 0.0), axis=1)
+    return total
+
+
+@triton.jit
 def _stripe_scan_kernel(
     QBAR, ABAR, K, THR, LOWS, MASS, COUNTS, INDICES, SPLIT_COUNTS,
     stride_kb, stride_kh, stride_ks,
@@ -159,14 +195,29 @@ def _stripe_scan_kernel(
     else:
         count = tl.zeros([QB], tl.int32)
     k_base = K + b * stride_kb + hk * stride_kh
+    if MODE == 0 and KEY_STRIDE > 1:
+        # A strided sample estimates the candidates' weight (each sampled key stands for
+        # KEY_STRIDE keys), but the forced keys are few and uneven (the sink key alone can
+        # carry most of a row's weight, and it is always in the sample): sum them exactly,
+        # once (the first split), over the sink blocks and the program's local windows.
+        if pid_s == 0:
+            hi_all = tl.max(limit, axis=0)
+            sink_end = tl.minimum(sink_blocks * BLOCK_N, hi_all)
+            forced_total += _forced_weight(
+                k_base, 0, sink_end, limit, diag, sink_blocks, local_blocks, stride_ks, b_qbar,
+                b_abar, scale, offs_d, m_d, QB, GP, BLOCK_N, BLOCK_K, WEIGHTED, MAX_EXP)
+            d_lo = tl.min(tl.where(m_qb, diag, num_k_blocks), axis=0)
+            d_hi = tl.max(tl.where(m_qb, diag, -1), axis=0)
+            loc_lo = tl.maximum(tl.maximum(d_lo - local_blocks + 1, 0) * BLOCK_N, sink_end)
+            loc_hi = tl.minimum((d_hi + 1) * BLOCK_N, hi_all)
+            forced_total += _forced_weight(
+                k_base, loc_lo, loc_hi, limit, diag, sink_blocks, local_blocks, stride_ks,
+                b_qbar, b_abar, scale, offs_d, m_d, QB, GP, BLOCK_N, BLOCK_K, WEIGHTED,
+                MAX_EXP)
     for start in range(k_lo, hi, BLOCK_K * KEY_STRIDE):
         offs_k = start + tl.arange(0, BLOCK_K) * KEY_STRIDE  # a strided sample when > 1
-        b_k = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
-                      mask=(offs_k < hi)[:, None] & m_d[None, :], other=0.0)
-        # in K's dtype: bf16/fp16 tensor-core MMA (the pooled query rounds to it)
-        s = tl.dot(b_qbar.to(b_k.dtype), tl.trans(b_k)).to(tl.float32) * scale
-        s = s - b_abar[:, None]  # [QB * GP, BLOCK_K]
-        diff = tl.max(tl.reshape(s, [QB, GP, BLOCK_K]), axis=1)  # the group's maximum
+        diff = _group_diff(k_base, offs_k, hi, stride_ks, b_qbar, b_abar, scale, offs_d, m_d,
+                           QB, GP, BLOCK_K)
         kb = offs_k // BLOCK_N
         forced = (kb[None, :] < sink_blocks) | (
             (kb[None, :] <= diag[:, None]) & (kb[None, :] > diag[:, None] - local_blocks))
@@ -177,7 +228,10 @@ def _stripe_scan_kernel(
                 w = tl.exp(tl.minimum(diff, MAX_EXP))
             else:
                 w = tl.full([QB, BLOCK_K], 1.0, tl.float32)
-            forced_total += tl.sum(tl.where(valid & forced, w, 0.0), axis=1)
+            if KEY_STRIDE == 1:
+                forced_total += tl.sum(tl.where(valid & forced, w, 0.0), axis=1)
+            else:
+                w = w * KEY_STRIDE  # a sampled candidate stands for KEY_STRIDE keys
             cand_total += tl.sum(tl.where(cand, w, 0.0), axis=1)
             # candidate weight at or above each of the NT thresholds
             above = (diff[:, :, None] >= thrs[:, None, :]) & cand[:, :, None]
@@ -202,14 +256,15 @@ def _stripe_scan_kernel(
         tl.store(COUNTS + out_row, tl.minimum(count, max_columns), mask=m_qb)
 
 
-def _count_target(density, top_k, forced, nqb, block_m, sq, sk, causal, stride):
-    """Columns to add per query block, on the sampled keys (a ``stride``-th of them)."""
+def _count_target(density, top_k, forced, nqb, block_m, sq, sk, causal):
+    """Columns to add per query block (``forced``: the forced keys' exact count; a sampled
+    search counts each sampled candidate as ``stride`` keys)."""
     if density is None:
-        return torch.full_like(forced, float(top_k) / stride)
+        return torch.full_like(forced, float(top_k))
     last = (torch.arange(nqb, device=forced.device) * block_m + block_m - 1).clamp(
         max=sq - 1) + (sk - sq)
     reach = (last + 1).clamp(max=sk) if causal else torch.full_like(last, sk)
-    return (density * reach.float()).round().clamp(min=1) / stride - forced
+    return (density * reach.float()).round().clamp(min=1) - forced
 
 
 def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: int,
@@ -295,8 +350,7 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
             if target is None:
                 forced, total = sums[..., nt], sums[..., nt + 1]
                 target = (mass * (forced + total) - forced if mass is not None else
-                          _count_target(density, top_k, forced, nqb, block_m, sq, sk, causal,
-                                        stride))
+                          _count_target(density, top_k, forced, nqb, block_m, sq, sk, causal))
             # the highest threshold whose candidate weight above it still reaches the target
             idx = (sums[..., :nt] >= target[..., None]).sum(-1) - 1
             if below_all is None:  # even the lowest threshold misses: keep every candidate

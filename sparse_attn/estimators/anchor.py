@@ -19,7 +19,8 @@ one kernel, then one pass over the keys that selects and compacts the columns; `
 ``density`` / ``top_k`` add a histogram pass that turns the budget into a per-block threshold,
 so the kept set can exceed the exact budget by one histogram bin). On the CPU it runs in torch,
 chunked over query blocks, with exact selection; beyond ``CONFIG["long_keys"]`` keys both
-paths take a budget's threshold from every ``CONFIG["long_stride"]``-th key
+paths take a budget's threshold from every ``CONFIG["long_stride"]``-th candidate key, each
+weighing ``long_stride`` keys, with the forced sink and local keys summed exactly
 (:meth:`Anchor.sample_stride`).
 """
 from __future__ import annotations
@@ -248,18 +249,19 @@ class Anchor(StripeEstimator):
                                        count=count)
                 out[:, :, m0:m1] = chosen & cand
                 continue
-            # the GPU rule: the budget's threshold from every stride-th key, applied to all
+            # the GPU rule: the budget's threshold from every stride-th candidate, each
+            # weighing stride keys, against the exact forced (sink + local) keys; applied to all
             smp = keys % stride == 0
-            if count is not None:  # as the kernel: the count / stride, less the forced sample
-                forced_s = (forced & reach)[:, smp].sum(-1)
-                extra = (count / stride - forced_s if self.density is not None
-                         else torch.full_like(count, self.top_k / stride, dtype=torch.float))
-                count = forced_s + torch.ceil(extra).clamp(min=0).long()
-            chosen = select_blocks(probs[..., smp], valid=reach[:, smp],
-                                   keep=(forced & reach)[:, smp], mass=self.mass, count=count)
-            picked = chosen & cand[:, smp]
-            thr = torch.where(picked, diff[..., smp], float("inf")).amin(-1, keepdim=True)
-            every = (picked == cand[:, smp]).all(-1, keepdim=True)  # the sample needs all
+            kept = forced & reach
+            scan = kept | (cand & smp)
+            weight = torch.where(smp & ~forced, probs * stride, probs).masked_fill(~scan, 0.0)
+            if count is not None:  # sampled candidates for the count beyond the forced keys
+                n_forced = kept.sum(-1)
+                count = n_forced + torch.ceil((count - n_forced).clamp(min=0) / stride).long()
+            chosen = select_blocks(weight, valid=scan, keep=kept, mass=self.mass, count=count)
+            picked = chosen & cand & smp
+            thr = torch.where(picked, diff, float("inf")).amin(-1, keepdim=True)
+            every = (picked == (cand & smp)).all(-1, keepdim=True)  # the sample needs all
             thr = torch.where(every & picked.any(-1, keepdim=True), float("-inf"), thr)
             out[:, :, m0:m1] = (diff >= thr) & cand
         return out
