@@ -20,8 +20,8 @@ each split from its exclusive prefix.
 A budget other than ``theta`` becomes a per-block threshold by an ``NT``-ary search (three
 ``MODE=0`` passes, optionally over a strided sample of the keys: each sampled candidate then
 weighs ``stride`` keys, while the forced sink and local keys are summed exactly; the arithmetic
-between passes is torch on the device, no host synchronisation). The threshold is the lower edge of the finest
-interval where the budget is reached, so the kept set covers the budget and exceeds it by at
+between passes is torch on the device, no host synchronisation). The threshold is the lower
+edge of the finest interval where the budget is reached, so the kept set covers the budget and exceeds it by at
 most that interval (0.008 logits).
 """
 from __future__ import annotations
@@ -114,6 +114,22 @@ def _group_diff(k_base, offs_k, hi, stride_ks, b_qbar, b_abar, scale, offs_d, m_
 
 
 @triton.jit
+def _forced_mask(offs_k, diag, sink_blocks, local_blocks, BLOCK_N: tl.constexpr):
+    """``[QB, BLOCK_K]``: keys in a sink block or in the query block's local window."""
+    kb = offs_k // BLOCK_N
+    return (kb[None, :] < sink_blocks) | (
+        (kb[None, :] <= diag[:, None]) & (kb[None, :] > diag[:, None] - local_blocks))
+
+
+@triton.jit
+def _key_weight(diff, WEIGHTED: tl.constexpr, MAX_EXP: tl.constexpr):
+    """A key's weight in the search: ``exp(diff)`` (clamped) for a mass budget, 1 for a count."""
+    if WEIGHTED:
+        return tl.exp(tl.minimum(diff, MAX_EXP))
+    return tl.full(diff.shape, 1.0, tl.float32)
+
+
+@triton.jit
 def _forced_weight(k_base, lo, hi, limit, diag, sink_blocks, local_blocks, stride_ks, b_qbar,
                    b_abar, scale, offs_d, m_d, QB: tl.constexpr, GP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WEIGHTED: tl.constexpr,
@@ -124,15 +140,9 @@ def _forced_weight(k_base, lo, hi, limit, diag, sink_blocks, local_blocks, strid
         offs_k = start + tl.arange(0, BLOCK_K)
         diff = _group_diff(k_base, offs_k, hi, stride_ks, b_qbar, b_abar, scale, offs_d, m_d,
                            QB, GP, BLOCK_K)
-        kb = offs_k // BLOCK_N
-        forced = (kb[None, :] < sink_blocks) | (
-            (kb[None, :] <= diag[:, None]) & (kb[None, :] > diag[:, None] - local_blocks))
+        forced = _forced_mask(offs_k, diag, sink_blocks, local_blocks, BLOCK_N)
         keep = forced & (offs_k[None, :] < limit[:, None]) & (offs_k < hi)[None, :]
-        if WEIGHTED:
-            w = tl.exp(tl.minimum(diff, MAX_EXP))
-        else:
-            w = tl.full([QB, BLOCK_K], 1.0, tl.float32)
-        total += tl.sum(tl.where(keep, w, 0.0), axis=1)
+        total += tl.sum(tl.where(keep, _key_weight(diff, WEIGHTED, MAX_EXP), 0.0), axis=1)
     return total
 
 
@@ -218,16 +228,11 @@ def _stripe_scan_kernel(
         offs_k = start + tl.arange(0, BLOCK_K) * KEY_STRIDE  # a strided sample when > 1
         diff = _group_diff(k_base, offs_k, hi, stride_ks, b_qbar, b_abar, scale, offs_d, m_d,
                            QB, GP, BLOCK_K)
-        kb = offs_k // BLOCK_N
-        forced = (kb[None, :] < sink_blocks) | (
-            (kb[None, :] <= diag[:, None]) & (kb[None, :] > diag[:, None] - local_blocks))
+        forced = _forced_mask(offs_k, diag, sink_blocks, local_blocks, BLOCK_N)
         valid = offs_k[None, :] < limit[:, None]
         cand = valid & ~forced  # [QB, BLOCK_K]
         if MODE == 0:
-            if WEIGHTED:
-                w = tl.exp(tl.minimum(diff, MAX_EXP))
-            else:
-                w = tl.full([QB, BLOCK_K], 1.0, tl.float32)
+            w = _key_weight(diff, WEIGHTED, MAX_EXP)
             if KEY_STRIDE == 1:
                 forced_total += tl.sum(tl.where(valid & forced, w, 0.0), axis=1)
             else:
