@@ -41,8 +41,6 @@ cudaError_t launch_lowbit_block_scores(const int8_t* q, const int8_t* k, const f
 // [B, H, NT, T * K] gets the distinct listed keys in ascending order, owners_out (same shape)
 // bit t set when the tile's token t lists that key, counts [B, H, NT] the union sizes; with
 // `causal`, token i keeps only keys <= i + causal_offset. Entries past counts are unspecified.
-size_t merge_token_lists_smem(int seqlen_k, int tokens, int topk);
-
 cudaError_t launch_merge_token_lists(const int32_t* idx, int64_t stride_b, int64_t stride_h,
                                      int64_t stride_m, int64_t stride_j, int batch, int heads,
                                      int seqlen_q, int topk, int tokens, int seqlen_k,

@@ -58,9 +58,9 @@ __device__ __forceinline__ void load_keys(const int32_t* row, int64_t stride_j, 
 // Calls f(t, key - w0) for every key of the tile's lists inside [w0, w0 + wk) and visible to
 // its token t (causality); tokens past the query length list nothing. The tile's (token,
 // column) pairs are walked flat, W columns per load, kBatch loads in flight per thread (16-byte
-// loads 4 deep took the two-pass version from 10.3 to 8.1 ms on an H100). W = 4 needs unit column stride, K % 4 == 0
-// and 16-byte aligned rows. `backward` walks the pairs last-first: a second pass then starts
-// on the lines the first one read last, the likeliest still in L2.
+// loads 4 deep took the two-pass version from 10.3 to 8.1 ms on an H100). W = 4 needs unit
+// column stride, K % 4 == 0 and 16-byte aligned rows. `backward` walks the pairs last-first:
+// a second pass then starts on the lines the first one read last, the likeliest still in L2.
 template <int W, typename F>
 __device__ __forceinline__ void for_each_listed(const MergeArgs& a, const int32_t* lists,
                                                 int tile_m, int w0, int wk, bool backward,
@@ -233,8 +233,6 @@ __global__ void __launch_bounds__(kMergeThreads)
   if (threadIdx.x == 0) a.counts[tile] = done;
 }
 
-}  // namespace
-
 // Slots of the (key, owner word) table: a power of two >= the tile's T * K entries, at most
 // kTableSlots.
 int merge_table_slots(int tokens, int topk) {
@@ -249,6 +247,8 @@ size_t merge_token_lists_smem(int seqlen_k, int tokens, int topk) {
   const int words = (window + 31) / 32;
   return sizeof(uint32_t) * (2 * size_t(words) + 2 * size_t(merge_table_slots(tokens, topk)));
 }
+
+}  // namespace
 
 cudaError_t launch_merge_token_lists(const int32_t* idx, int64_t stride_b, int64_t stride_h,
                                      int64_t stride_m, int64_t stride_j, int batch, int heads,

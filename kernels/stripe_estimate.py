@@ -21,8 +21,8 @@ A budget other than ``theta`` becomes a per-block threshold by an ``NT``-ary sea
 ``MODE=0`` passes, optionally over a strided sample of the keys: each sampled candidate then
 weighs ``stride`` keys, while the forced sink and local keys are summed exactly; the arithmetic
 between passes is torch on the device, no host synchronisation). The threshold is the lower
-edge of the finest interval where the budget is reached, so the kept set covers the budget and exceeds it by at
-most that interval (0.008 logits).
+edge of the finest interval where the budget is reached, so the kept set covers the budget and
+exceeds it by at most that interval (0.008 logits).
 """
 from __future__ import annotations
 
@@ -261,6 +261,12 @@ def _stripe_scan_kernel(
         tl.store(COUNTS + out_row, tl.minimum(count, max_columns), mask=m_qb)
 
 
+def search_stride(seqlen_k: int) -> int:
+    """Key stride of the budget search: every ``CONFIG["long_stride"]``-th candidate beyond
+    ``CONFIG["long_keys"]`` keys, else 1 (the torch path of ``anchor`` follows the same rule)."""
+    return 1 if seqlen_k <= CONFIG["long_keys"] else int(CONFIG["long_stride"])
+
+
 def _count_target(density, top_k, forced, nqb, block_m, sq, sk, causal):
     """Columns to add per query block (``forced``: the forced keys' exact count; a sampled
     search counts each sampled candidate as ``stride`` keys)."""
@@ -318,10 +324,7 @@ def anchor_stripes(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: i
     counts = torch.empty(batch, heads, nqb, device=q.device, dtype=torch.int32)
     indices = torch.full((batch, heads, nqb, max_columns), -1, device=q.device,
                          dtype=torch.int32)
-    if sample_stride is None:
-        stride = 1 if sk <= CONFIG["long_keys"] else CONFIG["long_stride"]
-    else:
-        stride = sample_stride
+    stride = search_stride(sk) if sample_stride is None else sample_stride
 
     def scan(mode: int, thr=None, lows=None, sums=None, step=0.0, weighted=False,
              split_counts=None):

@@ -15,7 +15,8 @@ each position, and the other rows see -inf. Two ways to form the chunks (MERGED 
 * MERGED=True (the default of topk_attention): the union of the TOKENS tokens' lists, with a
   TOKENS-bit owner word per position that also holds causality (``merge_token_lists``:
   O(T*K) per tile, no sort, no host sync; a CUDA kernel with a shared-memory hash table when
-  the extension loads, else a Triton pass of atomic ORs into a per-program owner array). Neighbouring tokens' top-k sets overlap heavily in real attention (local window,
+  the extension loads, else a Triton pass of atomic ORs into a per-program owner array).
+  Neighbouring tokens' top-k sets overlap heavily in real attention (local window,
   sinks, shared "heavy" keys), so the union is close to K and each gathered K/V row serves all
   M rows: the loads drop T-fold and the MMA work stays near the useful one. With disjoint sets
   the union is T x K and the kernel does T x the useful MMA work, plus the merge.

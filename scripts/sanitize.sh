@@ -31,9 +31,10 @@ for f in "${FILES[@]}"; do
     start=$SECONDS
     timeout -k 10 $((DEADLINE_S + 60 - SECONDS)) compute-sanitizer --tool memcheck \
         --leak-check no --error-exitcode 99 --print-limit 20 --target-processes all \
-        "$PYTHON" -P -m pytest -m gpu -k "$SELECT" -q -p no:cacheprovider "$f" > "$OUT/$name.log" 2>&1
+        "$PYTHON" -P -m pytest -m gpu -k "$SELECT" -q -p no:cacheprovider "$f" \
+        > "$OUT/$name.log" 2>&1
     rc=$?
-    errors=$(grep -c "^========= Invalid\|^========= Program hit\|^========= Misaligned" "$OUT/$name.log")
+    errors=$(grep -cE "^========= (Invalid|Program hit|Misaligned)" "$OUT/$name.log")
     result=$(grep -E "passed|failed|no tests ran|error" "$OUT/$name.log" | tail -1)
     echo "rc=$rc memcheck_errors=$errors $((SECONDS - start))s $f: $result" | tee -a "$OUT/summary"
 done

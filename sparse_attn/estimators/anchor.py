@@ -267,14 +267,14 @@ class Anchor(StripeEstimator):
         return out
 
     def sample_stride(self, seqlen_k: int) -> int:
-        """Key stride of the budget search: the Triton rule (every ``CONFIG["long_stride"]``-th
-        key beyond ``CONFIG["long_keys"]`` keys of ``kernels/stripe_estimate.py``), so both
-        paths select with the same sampled threshold; 1 for ``theta`` (no search)."""
+        """Key stride of the budget search: the Triton kernel's rule
+        (``kernels/stripe_estimate.search_stride``), so both paths select with the same sampled
+        threshold; 1 for ``theta`` (no search)."""
         if self.theta is not None:
             return 1
-        from ..kernels.stripe_estimate import CONFIG  # triton is a dependency, CPU included
+        from ..kernels.stripe_estimate import search_stride  # triton is a dependency, CPU too
 
-        return 1 if seqlen_k <= CONFIG["long_keys"] else int(CONFIG["long_stride"])
+        return search_stride(seqlen_k)
 
 
 def _blocks(dense: torch.Tensor, batch: int, heads: int, block_m: int, block_n: int,
