@@ -388,7 +388,7 @@ def select_rows(args, timing):
     provs = {
         "torch.topk(sorted=False)": lambda: torch.topk(scores, keys, dim=-1, sorted=False),
         "torch.topk(sorted=True)": lambda: torch.topk(scores, keys, dim=-1, sorted=True),
-        "topk_indices": lambda: topk_indices(scores, keys),
+        "topk_indices": lambda: topk_indices(scores, keys, causal=False),
         "topk_indices(causal)": lambda: topk_indices(scores, keys, causal=True),
         "torch.sort (full)": lambda: torch.sort(scores, dim=-1),
     }

@@ -211,7 +211,7 @@ def test_op_rejects_bad_input_before_launch():
 def test_topk_indices_selects_the_top_keys():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(2, 3, 21, 40, generator=g)
-    layout = sa.topk_indices(scores, 7)
+    layout = sa.topk_indices(scores, 7, causal=False)
     assert layout.indices.dtype == torch.int32 and layout.indices.shape == (2, 3, 21, 7)
     expect = torch.topk(scores, 7, dim=-1).indices.sort(-1).values
     assert torch.equal(layout.indices.long().sort(-1).values, expect)
@@ -222,7 +222,8 @@ def test_topk_indices_causal_pads_at_the_end():
     g = torch.Generator().manual_seed(1)
     sq, sk, kk = 12, 20, 10
     scores = torch.randn(1, 2, sq, sk, generator=g)
-    layout = sa.topk_indices(scores, kk, causal=True)
+    layout = sa.topk_indices(scores, kk)  # causal by default
+    assert torch.equal(layout.indices, sa.topk_indices(scores, kk, causal=True).indices)
     layout.validate(sq, sk)  # trailing -1, no repeats
     pos = torch.arange(sq) + sk - sq
     idx = layout.indices.long()

@@ -109,7 +109,7 @@ def topk_attention(
         >>> k = torch.randn(1, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
         >>> v = torch.randn_like(k)
         >>> scores = torch.randn(1, 8, 8192, 8192, device="cuda")  # e.g. an indexer's scores
-        >>> layout = topk_indices(scores, 512, causal=True)
+        >>> layout = topk_indices(scores, 512)  # causal, as topk_attention
         >>> out = topk_attention(q, k, v, layout)
     """
     check_qkv(q, k, v, op=_OP)
@@ -142,7 +142,7 @@ def topk_attention(
     return (out, lse) if return_lse else out
 
 
-def topk_indices(scores: torch.Tensor, k: int, *, causal: bool = False,
+def topk_indices(scores: torch.Tensor, k: int, *, causal: bool = True,
                  q_offset: int | None = None) -> TopKLayout:
     """The ``k`` highest-scoring key positions of every query row, as a :class:`TopKLayout`.
 
@@ -150,23 +150,30 @@ def topk_indices(scores: torch.Tensor, k: int, *, causal: bool = False,
     no full sort of the Sk scores); the k winners come out unsorted, which the kernel accepts.
     Rows with fewer than ``k`` eligible keys (causal, or ``-inf`` scores) get ``-1`` padding,
     moved to the end by a prefix sum over the k winners (O(k) per row). No host
-    synchronisation (CUDA-graph capturable). ``causal`` masks a copy of ``scores`` (O(Sq Sk)
-    memory): for long sequences score and select a chunk of query rows at a time (``q_offset``).
+    synchronisation (CUDA-graph capturable). ``causal`` (the default, as for every attention
+    op) masks a copy of ``scores`` (O(Sq Sk) memory): for long sequences score and select a
+    chunk of query rows at a time (``q_offset``).
 
     Args:
         scores: ``[B, Hkv, Sq, Sk]`` float scores (an indexer's output; for a per-query-head
             score tensor, reduce over the group first). ``-inf`` marks keys never selected.
         k: keys per query token, ``1 <= k <= Sk``.
-        causal: exclude keys after each query's absolute position.
+        causal: (default True, as in :func:`topk_attention`) never select a key after the
+            query's absolute position: query row ``i`` sits at ``q_offset + i``, by default
+            ``Sk - Sq + i`` (queries aligned to the end of the keys, as everywhere), so row
+            ``i`` sees keys ``0 .. Sk - Sq + i`` and an early row with fewer than ``k`` of them
+            is ``-1`` padded. ``False``: every key of the row is eligible (non-causal
+            attention, or scores already masked).
         q_offset: absolute position of score row 0 (default ``Sk - Sq``: queries aligned to
-            the end), for scoring a chunk of queries at a time.
+            the end), for scoring a chunk of queries at a time; used only with ``causal``.
 
     Returns:
         ``TopKLayout`` with int32 ``indices [B, Hkv, Sq, k]``.
 
     Example:
         >>> scores = torch.randn(1, 8, 4096, 4096, device="cuda")
-        >>> layout = topk_indices(scores, 512, causal=True)
+        >>> layout = topk_indices(scores, 512)  # causal: row i picks among keys 0..i
+        >>> full = topk_indices(scores, 512, causal=False)  # any key
     """
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"topk_indices: scores must be a torch.Tensor, got {type(scores).__name__}")
