@@ -3,6 +3,7 @@ budgets, layout invariants, bad configs."""
 import pytest
 import torch
 
+from conftest import assert_sync_free_and_capturable
 from sparse_attn import estimators
 from sparse_attn.estimators.anchor import anchor_pool, dense_block_mask
 from sparse_attn.layout import StripeLayout
@@ -313,29 +314,12 @@ def test_gpu_bf16_large_matches_torch(budget):
 
 def check_stripe_sync_free_and_capturable(est, q, k):
     """``est.estimate(q, k)`` on CUDA: no host sync, and a CUDA graph replays the same
-    StripeLayout. Returns the eager layout (shared with test_vertical_slash)."""
-    ref = est.estimate(q, k)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layout = est.estimate(q, k)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(layout.col_counts, ref.col_counts)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        est.estimate(q, k)  # warm-up on a side stream
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = est.estimate(q, k)
-    graph.replay()
-    torch.cuda.synchronize()
-    for name in ("col_counts", "col_indices"):
-        assert torch.equal(getattr(captured, name), getattr(ref, name))
-    assert torch.equal(captured.blocks.indices, ref.blocks.indices)
-    return ref
+    StripeLayout (conftest's shared check: every tensor field, ``blocks.counts``,
+    ``blocks.indices``, ``col_counts``, ``col_indices``, equal to the eager layout's). Returns
+    the eager layout (shared with test_vertical_slash)."""
+    layout = assert_sync_free_and_capturable(lambda: est.estimate(q, k))
+    assert isinstance(layout, StripeLayout)  # a dataclass: its tensors were all compared
+    return layout
 
 
 @pytest.mark.gpu
