@@ -50,48 +50,23 @@ def _threshold_skip(m_blk, m_i, log2_threshold):
     return tl.max(gap, 0) < log2_threshold
 
 
-# Lazy rescaling: the running max moves (and the accumulator is rescaled) only when some row
-# of the tile sees a score more than 2**RESCALE_SLACK above it, so most key tiles skip the
-# [BLOCK_M, D] multiply of the accumulator. P then stays <= 2**RESCALE_SLACK, well inside
-# bf16/fp16 range, and l and acc share the stale max, so the result is the same softmax.
-RESCALE_SLACK = tl.constexpr(8.0)
-# whether the prefill kernels (block-sparse, stripe, top-k) rescale lazily
-LAZY_RESCALE = True
-
-
 @triton.jit
-def _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, MASKED: tl.constexpr,
-                  LAZY: tl.constexpr = False):
+def _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, MASKED: tl.constexpr):
     """Online-softmax update for raw scores ``s`` whose row max (scaled, log2 units) is
-    ``m_blk``: ``(p, m_new, l_i, acc)`` with ``l_i`` and ``acc`` rescaled to the new max. A row
-    that has seen no key keeps m = -inf (exp2 then subtracts 0, giving p = 0, never NaN). With
-    LAZY the max moves only when some row's grows by more than RESCALE_SLACK (one tile-wide
-    decision, so the untouched tiles skip the accumulator multiply)."""
-    if LAZY:
-        m_new = m_i
-        grow = tl.max((m_blk > m_i + RESCALE_SLACK).to(tl.int32), 0)
-        if grow > 0:
-            m_new = tl.maximum(m_i, m_blk)
-            m_sub = m_new
-            if MASKED:
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_sub)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-        m_sub = m_new
-        if MASKED:
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale - m_sub[:, None])
-        l_i = l_i + tl.sum(p, 1)
-    else:
-        m_new = tl.maximum(m_i, m_blk)
-        m_sub = m_new
-        if MASKED:
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s * qk_scale - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+    ``m_blk``: ``(p, m_new, l_i, acc)`` with ``l_i`` and ``acc`` rescaled to the new max.
+    (Lazy rescaling, moving the max only when it grows by more than 2**8, was 2-13% slower on
+    an H100 for every kernel family: bench/RESULTS.md.)"""
+    m_new = tl.maximum(m_i, m_blk)
+    m_sub = m_new
+    if MASKED:
+        # a row that has seen no key keeps m = -inf and subtracts 0 instead (exp2 gives 0, not
+        # NaN); storing that 0 as its max would make its later keys underflow when they score
+        # below -126 (log2 units)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     return p, m_new, l_i, acc
 
 
@@ -113,7 +88,7 @@ def _attend_tile(
     start_n, row_pos, seqlen_k, qk_scale, log2_threshold,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr,
-    USE_TMA: tl.constexpr, GATHER: tl.constexpr = False, LAZY: tl.constexpr = False,
+    USE_TMA: tl.constexpr, GATHER: tl.constexpr = False,
 ):
     """One key tile of the online softmax. K_base/V_base: pointers, or tensor descriptors
     when USE_TMA. A skipped tile never loads V (loading V before the skip decision was
@@ -152,7 +127,7 @@ def _attend_tile(
     if skip:
         n_skipped += 1
     else:
-        p, m_new, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, MASKED, LAZY)
+        p, m_new, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, MASKED)
         if GATHER:
             # padding columns have p = 0 against the (finite) row 0 of V
             b_v = _gather_rows(V_base, safe, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
@@ -226,7 +201,7 @@ def _attend_listed_blocks(
     count, p_idx, stride_ij, t0, last_row, row_pos, seqlen_q, seqlen_k, qk_scale,
     log2_threshold, LAYOUT_BN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr,
-    USE_TMA: tl.constexpr, LAZY: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """The online softmax over the ``count`` sorted key blocks at ``p_idx``: unmasked tiles
     first (pipelined), then the masked suffix. Returns ``(acc, l_i, m_i, n_skipped,
@@ -255,7 +230,7 @@ def _attend_listed_blocks(
             acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
             stride_kn, stride_kd, stride_vn, stride_vd,
             kb * LAYOUT_BN + (j % N_SUB) * BLOCK_N, row_pos, seqlen_k, qk_scale, log2_threshold,
-            BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD, USE_TMA, False, LAZY)
+            BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
     n_visited = n_full * N_SUB
     # the masked suffix is a few tiles at most: not worth pipelining buffers
     for j in tl.range(n_full * N_SUB, count * N_SUB, num_stages=1):
@@ -270,7 +245,7 @@ def _attend_listed_blocks(
                 acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
                 stride_kn, stride_kd, stride_vn, stride_vd,
                 start_n, row_pos, seqlen_k, qk_scale, log2_threshold,
-                BLOCK_N, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, USE_THRESHOLD, USE_TMA, False, LAZY)
+                BLOCK_N, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
             n_visited += 1
     return acc, l_i, m_i, n_skipped, n_visited
 
@@ -310,7 +285,6 @@ def _attend_layout_blocks(
     LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, USE_TMA: tl.constexpr,
-    LAZY: tl.constexpr,
 ):
     """A program's tile, its Q load and the online softmax over the key blocks its layout
     lists: the whole block-sparse kernel but the store, and the first part of the stripe
@@ -330,7 +304,7 @@ def _attend_layout_blocks(
         acc, l_i, m_i, n_skipped, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn,
         stride_vd, count, p_idx, stride_ij, t0, last_row, row_pos, seqlen_q, seqlen_k,
         qk_scale, log2_threshold, LAYOUT_BN, BLOCK_N, HEAD_DIM, BLOCK_D, IS_CAUSAL,
-        USE_THRESHOLD, USE_TMA, LAZY)
+        USE_THRESHOLD, USE_TMA)
     return (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q,
             K_ptr, V_ptr, acc, l_i, m_i, n_skipped, n_visited)
 
@@ -349,7 +323,7 @@ def _block_sparse_fwd_kernel(
     LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr = False, LAZY_RESCALE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q, K_ptr,
      V_ptr, acc, l_i, m_i, n_skipped, n_visited) = _attend_layout_blocks(
@@ -359,7 +333,7 @@ def _block_sparse_fwd_kernel(
         stride_ib, stride_ih, stride_im, stride_ij,
         seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
         GROUP, PACK, LAYOUT_PER_KV_HEAD, LAYOUT_BM, LAYOUT_BN, BLOCK_M, BLOCK_N, HEAD_DIM,
-        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA, LAZY_RESCALE)
+        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
     _store_tile(Out, Lse, Stats, acc, l_i, m_i, n_skipped, n_visited, b, head, tok, m_row,
                 pid_bh * num_m_tiles + pid_m, stride_ob, stride_oh, stride_om, stride_od,
                 seqlen_q, num_head_tiles * PACK, HEAD_DIM, BLOCK_D, RETURN_LSE, USE_THRESHOLD)
@@ -456,7 +430,7 @@ def plan_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_heads:
         LAYOUT_BN=block_n, BLOCK_M=tile_m, BLOCK_N=tile_n, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_CAUSAL=causal,
         USE_THRESHOLD=use_threshold, RETURN_LSE=return_lse, USE_TMA=use_tma,
-        LAZY_RESCALE=LAZY_RESCALE, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     return out, lse, stats, grid, scalars, meta
 
 

@@ -42,7 +42,7 @@ def _stripe_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NS: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, COL_STAGES: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr = False, LAZY_RESCALE: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     # 1. dense key blocks: the block-sparse kernel's loop
     (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q, K_ptr,
@@ -53,7 +53,7 @@ def _stripe_fwd_kernel(
         stride_ib, stride_ih, stride_im, stride_ij,
         seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
         GROUP, PACK, LAYOUT_PER_KV_HEAD, LAYOUT_BM, LAYOUT_BN, BLOCK_M, BLOCK_N, HEAD_DIM,
-        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA, LAZY_RESCALE)
+        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
 
     # 2. stripes, BLOCK_NS gathered positions at a time
     col_count = tl.load(ColCounts + b * stride_sb + h_layout * stride_sh + q_block * stride_sm)
@@ -83,7 +83,7 @@ def _stripe_fwd_kernel(
         acc, l_i, m_i, n_skipped = _attend_tile(
             acc, l_i, m_i, n_skipped, b_q, K_ptr, V_ptr, stride_kn, stride_kd, stride_vn,
             stride_vd, pos, row_pos, seqlen_k, qk_scale, log2_threshold, BLOCK_NS, HEAD_DIM,
-            BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD, False, True, LAZY_RESCALE)
+            BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD, False, True)
         pos = pos_next
     n_visited += n_full
     # the masked tail: padding, and positions past some row of the tile (a few tiles)
@@ -98,8 +98,7 @@ def _stripe_fwd_kernel(
             acc, l_i, m_i, n_skipped = _attend_tile(
                 acc, l_i, m_i, n_skipped, b_q, K_ptr, V_ptr, stride_kn, stride_kd,
                 stride_vn, stride_vd, pos, row_pos, seqlen_k, qk_scale, log2_threshold,
-                BLOCK_NS, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, USE_THRESHOLD, False, True,
-                LAZY_RESCALE)
+                BLOCK_NS, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, USE_THRESHOLD, False, True)
             n_visited += 1
 
     _store_tile(Out, Lse, Stats, acc, l_i, m_i, n_skipped, n_visited, b, head, tok, m_row,

@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 
 from .. import _cuda
-from . import block_sparse
 from .block_sparse import _softmax_step
 
 MERGE_BACKENDS = ("auto", "cuda", "triton")
@@ -66,7 +65,7 @@ def _topk_fwd_kernel(
     seqlen_q, seqlen_k, list_len, num_kv_heads, num_m_tiles, qk_scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, MERGED: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, LAZY_RESCALE: tl.constexpr = False,
+    IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     # Idx: per token [B, Hkv, Sq, K] (MERGED=False) or per tile [B, Hkv, NT, T*K] with Bits
     # (same shape and strides) and Counts [B, Hkv, NT] (MERGED=True).
@@ -136,7 +135,7 @@ def _topk_fwd_kernel(
         s = tl.dot(b_q, tl.trans(b_k))
         s = tl.where(visible, s, float("-inf"))
         m_blk = tl.max(s, 1) * qk_scale
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, True, LAZY_RESCALE)
+        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, True)
         b_v = _gather_rows(V_base, idx, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc)
 
@@ -383,7 +382,7 @@ def topk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.T
         seqlen_q, seqlen_k, idx.shape[3], hkv, num_m_tiles, scale * 1.4426950408889634,
         GROUP=group, G_PAD=g_pad, TOKENS=tokens, MERGED=merged,
         BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        IS_CAUSAL=causal, RETURN_LSE=return_lse, LAZY_RESCALE=block_sparse.LAZY_RESCALE,
+        IS_CAUSAL=causal, RETURN_LSE=return_lse,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse

@@ -2,7 +2,7 @@
 compiler made of it (shared memory, registers, spills, wgmma, pipelined async copies).
 
 Usage: python scripts/aot_check.py [--head-dim 128] [--block-m 128] [--block-n 128]
-       [--warps 8] [--stages 3] [--threshold] [--dtype bf16] [--tma] [--lazy]
+       [--warps 8] [--stages 3] [--threshold] [--dtype bf16]
 """
 import argparse
 import os
@@ -29,7 +29,6 @@ def main():
     ap.add_argument("--threshold", action="store_true")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--tma", action="store_true")
-    ap.add_argument("--lazy", action="store_true", help="lazy online-softmax rescaling")
     a = ap.parse_args()
     dt = a.dtype
     ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32",
@@ -37,8 +36,7 @@ def main():
     const = dict(GROUP=4, PACK=a.pack, LAYOUT_PER_KV_HEAD=True, LAYOUT_BM=128,
                  LAYOUT_BN=a.layout_bn, BLOCK_M=a.block_m, BLOCK_N=a.block_n,
                  HEAD_DIM=a.head_dim, BLOCK_D=a.head_dim, IS_CAUSAL=True,
-                 USE_THRESHOLD=a.threshold, RETURN_LSE=True, USE_TMA=a.tma,
-                 LAZY_RESCALE=a.lazy)
+                 USE_THRESHOLD=a.threshold, RETURN_LSE=True, USE_TMA=a.tma)
     sig, attrs = {}, {}
     for i, n in enumerate(kernel.arg_names):
         if n in ptrs:

@@ -1,20 +1,17 @@
-"""The online softmax shared by the prefill kernels (block-sparse, stripe, top-k), eager and
-lazy rescaling, on inputs whose per-tile score max climbs and falls by far more than the lazy
-slack (2**8), against the pure-torch references."""
+"""The online softmax shared by the prefill kernels (block-sparse, stripe, top-k) on inputs
+whose per-tile score max climbs and falls by tens of log2 units, and on rows that see no key
+before keys of very low score, against the pure-torch references. fp32 inputs only on the CPU:
+on the GPU fp32 dots run in tf32, whose error on scores of this size exceeds the fp32 rule."""
 import pytest
 import torch
 
 import sparse_attn as sa
-from sparse_attn.kernels import block_sparse as bs
 from sparse_attn.layout import BlockLayout, StripeLayout, TopKLayout
 
 from conftest import DEVICE, assert_matches_reference
 
 
-@pytest.fixture(params=[False, True], ids=["eager", "lazy"])
-def lazy(request, monkeypatch):
-    monkeypatch.setattr(bs, "LAZY_RESCALE", request.param)
-    return request.param
+DTYPES = [torch.float16] + ([] if DEVICE == "cuda" else [torch.float32])
 
 
 def _wide_range_qkv(hq, hkv, seqlen, d, dtype, seed=0):
@@ -37,8 +34,8 @@ def _assert_close(out, lse, ref_fn, q):
     assert_matches_reference(out, lse, ref, ref_lse, low)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_block_sparse_wide_score_range(lazy, dtype):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_sparse_wide_score_range(dtype):
     q, k, v = _wide_range_qkv(4, 2, 300, 64, dtype)
     g = torch.Generator(device="cpu").manual_seed(1)
     mask = torch.rand(1, 2, 5, 5, generator=g) < 0.7
@@ -48,7 +45,7 @@ def test_block_sparse_wide_score_range(lazy, dtype):
         q, k, v, layout, upcast=upcast), q)
 
 
-def test_stripe_wide_score_range(lazy):
+def test_stripe_wide_score_range():
     q, k, v = _wide_range_qkv(4, 2, 200, 64, torch.float16)
     g = torch.Generator(device="cpu").manual_seed(2)
     nb = 4
@@ -63,7 +60,7 @@ def test_stripe_wide_score_range(lazy):
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["perToken", "merged"])
-def test_topk_wide_score_range(lazy, merge):
+def test_topk_wide_score_range(merge):
     q, k, v = _wide_range_qkv(4, 1, 150, 64, torch.float16)
     g = torch.Generator(device="cpu").manual_seed(3)
     layout = sa.topk_indices(torch.randn(1, 1, 150, 150, generator=g).to(DEVICE), 48,
@@ -75,7 +72,8 @@ def test_topk_wide_score_range(lazy, merge):
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["perToken", "merged"])
-def test_topk_very_negative_scores_after_an_empty_chunk(lazy, merge):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_very_negative_scores_after_an_empty_chunk(merge, dtype):
     """A tile's rows see nothing in its first key chunks (per token: the chunks of the tile's
     earlier tokens; merged: keys other tokens own), then only keys scoring about -300 in log2
     units. The max of such a row must start from its own keys: a max left at 0 by the empty
@@ -95,7 +93,7 @@ def test_topk_very_negative_scores_after_an_empty_chunk(lazy, merge):
         own = [j for j in range(t + 1) if (j >= 32) == (t % 2 == 0 and t >= 32)][-32:]
         idx[0, 0, t, :len(own)] = torch.tensor(own, dtype=torch.int32)
     layout = TopKLayout(idx.to(DEVICE))
-    q, k, v = (x.to(DEVICE, torch.float32) for x in (q, k, v))
+    q, k, v = (x.to(DEVICE, dtype) for x in (q, k, v))
     out, lse = sa.topk_attention(q, k, v, layout, return_lse=True, backend="triton", merge=merge)
     _assert_close(out, lse, lambda upcast: sa.topk_attention_ref(
         q, k, v, layout, upcast=upcast), q)
