@@ -8,6 +8,9 @@ softmax_threshold=1e-3)``).
 
 BLASST finds that the threshold giving a fixed output error falls inversely with the context
 length, so one constant per model serves every length: ``lambda = threshold_scale / seqlen_k``.
+The default ``threshold_scale`` (``DEFAULT_THRESHOLD_SCALE = 20``) targets a relative L2
+output error of 1e-2, calibrated on SmolLM2-135M at 2k-8k tokens: 0.6e-3 to 1.2e-3 on the
+median layer, at most 7.5e-3 on the worst of six layers (see the constant's comment).
 :func:`calibrate_threshold` picks ``lambda`` for a target output error on a sample, and
 :func:`threshold_vs_length` runs it at several lengths and fits ``lambda = a * L^-beta``
 (``beta`` near 1 reproduces the paper's relation).
@@ -26,8 +29,22 @@ from .select import BlockEstimator, _is_real
 __all__ = ["Threshold", "ThresholdCalibration", "blasst_attention_ref", "calibrate_threshold",
            "sink_sample", "threshold_vs_length"]
 
-# default lambda * seqlen_k (calibrate_threshold gives the value for a model and target error)
-DEFAULT_THRESHOLD_SCALE = 1.0
+# Default lambda * seqlen_k, calibrated for a relative L2 output error of 1e-2 on the real
+# attention of SmolLM2-135M (fp32, CPU; natural text; 2k, 4k and 8k tokens; layers 0, 5, 11, 17,
+# 23, 29; 128x128 tiles; the torch emulation, per query head), by bench/calibrate_threshold.py
+# (bench/results/cpu_20261125_s4/threshold_calib). Per layer, the lambda * L that meets 1e-2
+# spreads from 19 to 88 on the late layers (17, 23, 29) to 205 .. 1200 (layer 5), and layers 0
+# and 11 meet it even at the 0.5 clamp (their tiles are rarely skippable). Conservative: the
+# largest scale tried (20, 30, 50, 70, 100, ...) that keeps EVERY measured layer and length
+# within 1e-2. At 20 the output error at 2k / 4k / 8k is: median over the six layers 1.2e-3 /
+# 0.9e-3 / 0.6e-3 (upper median layer, 29: 2.3e-3 / 1.7e-3 / 1.1e-3), worst layer (17) 7.0e-3 /
+# 7.5e-3 / 5.3e-3; 2 / 4 / 10 % of the tiles skipped (median; 15-35 % on layer 17). At 30 the
+# worst layer reaches 1.2e-2, at 100 three of six layers exceed 1e-2 (up to 3.1e-2); the old
+# default 1.0 skipped almost nothing (median <= 1.6 % of the tiles). lambda fell more slowly
+# than 1 / L over 2k-8k (fitted beta 0.28 median, -0.28 .. 1.1 over layers), so scale / L errs
+# on the safe side at longer L. Other models and targets: calibrate_threshold /
+# threshold_vs_length.
+DEFAULT_THRESHOLD_SCALE = 20.0
 # candidate thresholds of calibrate_threshold: 1e-1 .. 1e-8, three per decade
 _CANDIDATES = tuple(10.0 ** (-e / 3) for e in range(3, 25))
 
@@ -42,7 +59,9 @@ class Threshold(BlockEstimator):
         threshold: a fixed ``lambda`` in ``(0, 1)``; or None (default) for
             ``threshold_scale / seqlen_k``.
         threshold_scale: ``lambda * seqlen_k`` (> 0) when ``threshold`` is None (default
-            ``DEFAULT_THRESHOLD_SCALE``; calibrate it with :func:`calibrate_threshold`).
+            ``DEFAULT_THRESHOLD_SCALE`` = 20: a relative L2 output error within 1e-2 on every
+            measured layer of SmolLM2-135M at 2k-8k tokens, about 1e-3 on the median layer;
+            calibrate it for another model or target with :func:`calibrate_threshold`).
 
     ``SparseAttention`` / ``sparse_attention`` pass :meth:`softmax_threshold_for` to the kernel
     unless an explicit ``softmax_threshold=`` is given. The torch (CPU) attention backend
@@ -273,12 +292,18 @@ def threshold_vs_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengt
                          f"{lengths}")
     cals = [calibrate_threshold(q[:, :, :n], k[:, :, :n], v[:, :, :n],
                                 target_error=target_error, **kwargs) for n in lengths]
+    a, beta = _fit_power(lengths, [c.threshold for c in cals])
+    return {"lengths": lengths, "thresholds": [c.threshold for c in cals], "calibrations": cals,
+            "a": a, "beta": beta}
+
+
+def _fit_power(lengths, thresholds) -> tuple[float, float]:
+    """``(a, beta)`` of ``threshold = a * L^-beta``, least squares in log-log space."""
     x = torch.tensor([math.log(n) for n in lengths], dtype=torch.float64)
-    y = torch.tensor([math.log(c.threshold) for c in cals], dtype=torch.float64)
+    y = torch.tensor([math.log(t) for t in thresholds], dtype=torch.float64)
     xm, ym = x.mean(), y.mean()
     slope = float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
-    return {"lengths": lengths, "thresholds": [c.threshold for c in cals], "calibrations": cals,
-            "a": math.exp(float(ym - slope * xm)), "beta": -slope}
+    return math.exp(float(ym - slope * xm)), -slope
 
 
 def sink_sample(seqlen: int, heads: int = 2, dim: int = 64, block: int = 64, *, seed: int = 0
