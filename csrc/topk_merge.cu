@@ -1,22 +1,23 @@
 // Union of neighbouring query tokens' top-k key lists, with owner bits: the preprocessing of
 // the merged token top-k attention kernel (kernels/topk.py).
 //
-// One CTA per tile of T <= 32 consecutive query tokens of one (batch, head), one pass over its
-// T x K listed keys: each (token t, key) ORs bit t into the key's owner word in an
-// open-addressing (key, owner) table in shared memory. The table's keys then set their bits in
-// a presence bitmap over the key range (shared memory too), and a block scan of the bitmap
-// words' popcounts ranks every present key (rank = word prefix + popcount of the lower bits):
-// the union is written in ascending order straight from the bitmap, and each table entry's
-// owner word goes to its key's rank.
+// One CTA per tile of T <= 32 consecutive query tokens of one (batch, head). The fast kernel
+// makes one pass over the tile's T x K listed keys: each (token t, key) ORs bit t into the
+// key's owner word in an open-addressing (key, owner) table in shared memory; a block scan then
+// compacts the occupied slots, so the union comes out in slot (hash) order, not ascending (the
+// attention kernel does not need an order). The table alone (64 KiB, 40 registers) lets three
+// CTAs share an SM.
 //
 // Why CUDA: Triton has no shared-memory atomics, so its merge makes every (token, key) pair a
 // global atomic into a per-program owner array (35 ms at 128k, K=2048, T=32 on an H100); here
-// the atomics stay on chip (6.9 ms; ncu: bound by the in-SM probes and atomics, 29% of DRAM).
+// the atomics stay on chip (5.8 ms; ncu on the earlier 2-CTA version: bound by the in-SM
+// probes and atomics, 29% of DRAM).
 //
-// Limits, handled without failing: key ranges longer than kWindowKeys are folded one window at
-// a time (the lists are re-read per window); when a window's union overflows the table (large,
-// disjoint lists), a second pass over the lists ORs the owner bits by rank, on chip when they
-// fit and in global memory otherwise (slower, same result).
+// A tile whose union overflows the table (large, disjoint lists) writes counts = -1 (giving up
+// early, a shared-flag check per step, made the whole merge 30% slower: 7.5-7.9 vs 5.8 ms); a second kernel redoes only those tiles in two passes over the lists: presence
+// bits in a shared-memory bitmap over a window of keys (ranks from a block scan of the words'
+// popcounts, the union ascending), then the owner bits ORed by rank, on chip when they fit and
+// in global memory otherwise. Key ranges longer than kWindowKeys are folded one window at a time.
 #include <cub/block/block_scan.cuh>
 
 #include "sparse_attn.h"
@@ -30,6 +31,11 @@ constexpr int kWindowKeys = 1 << 18;  // bitmap + word prefix: 64 KiB of shared 
 // slots probe longer: 4096 took 10.7-11.7 ms against 7.3-7.9 ms for 8192
 constexpr int kTableSlots = 1 << 13;
 constexpr int kMaxProbes = 64;
+// the fast kernel: keys in flight per thread (x 4 with 16-byte loads) and CTAs per SM. At 128k,
+// K=2048, T=32 on an H100: (2 loads, 3 CTAs, 40 registers) 5.82 ms; (4, 3: spills) 6.06;
+// (4, 2) 7.04, as the bitmap + table version it replaced (6.99)
+constexpr int kTableBatch = 2;
+constexpr int kTableBlocks = 3;
 
 struct MergeArgs {
   const int32_t* idx;
@@ -61,11 +67,10 @@ __device__ __forceinline__ void load_keys(const int32_t* row, int64_t stride_j, 
 // loads 4 deep took the two-pass version from 10.3 to 8.1 ms on an H100). W = 4 needs unit
 // column stride, K % 4 == 0 and 16-byte aligned rows. `backward` walks the pairs last-first:
 // a second pass then starts on the lines the first one read last, the likeliest still in L2.
-template <int W, typename F>
+template <int W, int kBatch = 4, typename F>
 __device__ __forceinline__ void for_each_listed(const MergeArgs& a, const int32_t* lists,
                                                 int tile_m, int w0, int wk, bool backward,
                                                 F&& f) {
-  constexpr int kBatch = 4;
   const int t0 = tile_m * a.tokens;
   const int ntok = min(a.tokens, a.seqlen_q - t0);
   const int per_row = a.topk / W;
@@ -75,7 +80,7 @@ __device__ __forceinline__ void for_each_listed(const MergeArgs& a, const int32_
   const int dt = kMergeThreads / per_row, dj = kMergeThreads % per_row;
   // keys a token sees: offsets < t0 + t + causal_offset + 1 - w0, clamped to 32 bits
   const int causal_lim = a.causal ? int(max(min(int64_t(t0) + a.causal_offset + 1 - w0,
-                                                int64_t(kWindowKeys)), int64_t(-a.tokens)))
+                                                int64_t(wk)), int64_t(-a.tokens)))
                                   : wk;
   for (int step = 0; step < steps; ++step) {
     const int i0 = (backward ? steps - 1 - step : step) * kBatch * kMergeThreads + threadIdx.x;
@@ -133,15 +138,19 @@ __device__ __forceinline__ bool table_insert(int* keys, uint32_t* owners, int sl
   return false;
 }
 
+// The overflow fallback: only the tiles the table kernel marked (counts = -1). Per window of
+// keys, a pass over the lists sets presence bits, a block scan ranks them (the union written
+// ascending), and a second pass ORs owner bits by rank: into 2 * slots words of shared memory
+// when the union fits, else straight into the output in global memory.
 template <int W>
 __global__ void __launch_bounds__(kMergeThreads)
-    merge_token_lists_kernel(const MergeArgs a, int slots) {
+    merge_overflow_kernel(const MergeArgs a, int slots) {
   using Scan = cub::BlockScan<int, kMergeThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
-  __shared__ int overflow;
   extern __shared__ uint32_t smem[];
 
   const int tile = blockIdx.x;
+  if (a.counts[tile] >= 0) return;  // the table kernel merged it
   const int bh = tile / a.num_tiles, tile_m = tile % a.num_tiles;
   const int32_t* lists = a.idx + (bh / a.heads) * a.stride_b + (bh % a.heads) * a.stride_h;
   const int64_t width = int64_t(a.tokens) * a.topk;
@@ -152,38 +161,17 @@ __global__ void __launch_bounds__(kMergeThreads)
   const int max_words = (window + 31) / 32;
   uint32_t* bitmap = smem;
   int* prefix = reinterpret_cast<int*>(smem + max_words);
-  // 2 * slots words: the (key, owner word) table, or owner words by rank (second pass)
-  int* table_keys = reinterpret_cast<int*>(smem + 2 * max_words);
-  uint32_t* table_owners = smem + 2 * max_words + slots;
-  uint32_t* own = smem + 2 * max_words;
+  uint32_t* own = smem + 2 * max_words;  // 2 * slots owner words by rank
 
   int done = 0;  // union entries written by earlier windows
   for (int w0 = 0; w0 < a.seqlen_k; w0 += window) {
     const int wk = min(window, a.seqlen_k - w0);
     const int nwords = (wk + 31) / 32;
     for (int w = threadIdx.x; w < nwords; w += kMergeThreads) bitmap[w] = 0u;
-    for (int i = threadIdx.x; i < slots; i += kMergeThreads) {
-      table_keys[i] = -1;
-      table_owners[i] = 0u;
-    }
-    if (threadIdx.x == 0) overflow = 0;
     __syncthreads();
-    // one pass over the lists fills the (key -> owner word) table; the presence bits then come
-    // from the table (one atomic per distinct key), or from a pass over the lists on overflow
-    for_each_listed<W>(a, lists, tile_m, w0, wk, false, [&](int t, int key) {
-      if (!table_insert(table_keys, table_owners, slots, key, 1u << t)) overflow = 1;
+    for_each_listed<W>(a, lists, tile_m, w0, wk, false, [&](int, int key) {
+      atomicOr(&bitmap[key >> 5], 1u << (key & 31));
     });
-    __syncthreads();
-    if (!overflow) {
-      for (int i = threadIdx.x; i < slots; i += kMergeThreads) {
-        const int key = table_keys[i];
-        if (key >= 0) atomicOr(&bitmap[key >> 5], 1u << (key & 31));
-      }
-    } else {
-      for_each_listed<W>(a, lists, tile_m, w0, wk, true, [&](int, int key) {
-        atomicOr(&bitmap[key >> 5], 1u << (key & 31));
-      });
-    }
     __syncthreads();
 
     // ranks: each thread owns a contiguous run of bitmap words (its keys in ascending order)
@@ -193,44 +181,84 @@ __global__ void __launch_bounds__(kMergeThreads)
     for (int w = lo; w < hi; ++w) local += __popc(bitmap[w]);
     int rank, total;
     Scan(scan_tmp).ExclusiveSum(local, rank, total);
-
     for (int w = lo; w < hi; ++w) {
       prefix[w] = rank;
       for (uint32_t bits = bitmap[w]; bits; bits &= bits - 1) {
         union_tile[done + rank++] = w0 + w * 32 + (__ffs(bits) - 1);
       }
     }
-    __syncthreads();  // prefix complete
-    auto rank_of = [&](int key) {
+    const bool on_chip = total <= 2 * slots;
+    uint32_t* owner_words = on_chip ? own : owners_tile + done;
+    for (int r = threadIdx.x; r < total; r += kMergeThreads) owner_words[r] = 0u;
+    __syncthreads();  // prefix complete; zeroed owner words visible to the block
+    // the second pass walks the lists last-first: it starts on the lines the first one read
+    // last, the likeliest still in L2
+    for_each_listed<W>(a, lists, tile_m, w0, wk, true, [&](int t, int key) {
       const int w = key >> 5;
-      return prefix[w] + __popc(bitmap[w] & ((1u << (key & 31)) - 1u));
-    };
-    if (!overflow) {
-      for (int i = threadIdx.x; i < slots; i += kMergeThreads) {
-        const int key = table_keys[i];
-        if (key >= 0) owners_tile[done + rank_of(key)] = table_owners[i];
-      }
-    } else {
-      // the table overflowed (a large union): a second pass ORs owner bits by rank, on chip
-      // when they fit, else in global memory
-      const bool on_chip = total <= 2 * slots;
-      uint32_t* owner_words = on_chip ? own : owners_tile + done;
-      for (int r = threadIdx.x; r < total; r += kMergeThreads) owner_words[r] = 0u;
-      __syncthreads();  // zeroed owner words visible to the block (global ones too)
-      for_each_listed<W>(a, lists, tile_m, w0, wk, false, [&](int t, int key) {
-        atomicOr(&owner_words[rank_of(key)], 1u << t);
-      });
-      __syncthreads();
-      if (on_chip) {
-        for (int r = threadIdx.x; r < total; r += kMergeThreads) {
-          owners_tile[done + r] = own[r];
-        }
-      }
+      const int r = prefix[w] + __popc(bitmap[w] & ((1u << (key & 31)) - 1u));
+      atomicOr(&owner_words[r], 1u << t);
+    });
+    __syncthreads();
+    if (on_chip) {
+      for (int r = threadIdx.x; r < total; r += kMergeThreads) owners_tile[done + r] = own[r];
     }
     done += total;
-    __syncthreads();  // before the next window reuses the bitmap and the table
+    __syncthreads();  // before the next window reuses the bitmap
   }
   if (threadIdx.x == 0) a.counts[tile] = done;
+}
+
+// The fast kernel: the (key, owner word) table alone in shared memory, one pass over the lists,
+// then the occupied slots compacted by a block scan (union in slot order). Any key length. A
+// tile whose union overflows the table writes counts = -1 for merge_overflow_kernel.
+template <int W, int kBatch, int kMinBlocks>
+__global__ void __launch_bounds__(kMergeThreads, kMinBlocks)
+    merge_token_lists_table_kernel(const MergeArgs a, int slots) {
+  using Scan = cub::BlockScan<int, kMergeThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int overflow;
+  extern __shared__ uint32_t smem[];
+
+  const int tile = blockIdx.x;
+  const int bh = tile / a.num_tiles, tile_m = tile % a.num_tiles;
+  const int32_t* lists = a.idx + (bh / a.heads) * a.stride_b + (bh % a.heads) * a.stride_h;
+  const int64_t width = int64_t(a.tokens) * a.topk;
+  int* table_keys = reinterpret_cast<int*>(smem);
+  uint32_t* table_owners = smem + slots;
+  for (int i = threadIdx.x; i < slots; i += kMergeThreads) {
+    table_keys[i] = -1;
+    table_owners[i] = 0u;
+  }
+  if (threadIdx.x == 0) overflow = 0;
+  __syncthreads();
+  for_each_listed<W, kBatch>(
+      a, lists, tile_m, 0, a.seqlen_k, false,
+      [&](int t, int key) {
+        if (!table_insert(table_keys, table_owners, slots, key, 1u << t)) overflow = 1;
+      });
+  __syncthreads();
+  if (overflow) {
+    if (threadIdx.x == 0) a.counts[tile] = -1;
+    return;
+  }
+  // each thread compacts a contiguous run of slots
+  const int per = (slots + kMergeThreads - 1) / kMergeThreads;
+  const int lo = min(int(threadIdx.x) * per, slots), hi = min(lo + per, slots);
+  int local = 0;
+  for (int i = lo; i < hi; ++i) local += table_keys[i] >= 0;
+  int rank, total;
+  Scan(scan_tmp).ExclusiveSum(local, rank, total);
+  int32_t* union_tile = a.union_out + int64_t(tile) * width;
+  uint32_t* owners_tile = a.owners_out + int64_t(tile) * width;
+  for (int i = lo; i < hi; ++i) {
+    const int key = table_keys[i];
+    if (key >= 0) {
+      union_tile[rank] = key;
+      owners_tile[rank] = table_owners[i];
+      ++rank;
+    }
+  }
+  if (threadIdx.x == 0) a.counts[tile] = total;
 }
 
 // Slots of the (key, owner word) table: a power of two >= the tile's T * K entries, at most
@@ -242,7 +270,8 @@ int merge_table_slots(int tokens, int topk) {
   return slots;
 }
 
-size_t merge_token_lists_smem(int seqlen_k, int tokens, int topk) {
+// shared memory of merge_overflow_kernel: bitmap and word prefix over a window, owner words
+size_t merge_overflow_smem(int seqlen_k, int tokens, int topk) {
   const int window = seqlen_k < kWindowKeys ? seqlen_k : kWindowKeys;
   const int words = (window + 31) / 32;
   return sizeof(uint32_t) * (2 * size_t(words) + 2 * size_t(merge_table_slots(tokens, topk)));
@@ -262,17 +291,28 @@ cudaError_t launch_merge_token_lists(const int32_t* idx, int64_t stride_b, int64
   if (seqlen_k <= 0) {  // nothing can be listed: empty unions
     return cudaMemsetAsync(counts, 0, sizeof(int32_t) * grid, stream);
   }
-  const size_t smem = merge_token_lists_smem(seqlen_k, tokens, topk);
   MergeArgs a{idx, stride_b, stride_h, stride_m, stride_j, heads, seqlen_q, topk, tokens,
               seqlen_k, num_tiles, causal, causal_offset, union_out,
               reinterpret_cast<uint32_t*>(owners_out), counts};
   const bool vec4 = stride_j == 1 && topk % 4 == 0 && stride_m % 4 == 0 && stride_h % 4 == 0 &&
                     stride_b % 4 == 0 && reinterpret_cast<uintptr_t>(idx) % 16 == 0;
-  auto kernel = vec4 ? merge_token_lists_kernel<4> : merge_token_lists_kernel<1>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const int slots = merge_table_slots(tokens, topk);
+  const size_t table_smem = sizeof(uint32_t) * 2 * size_t(slots);
+  auto table_kernel = vec4 ? merge_token_lists_table_kernel<4, kTableBatch, kTableBlocks>
+                           : merge_token_lists_table_kernel<1, kTableBatch, kTableBlocks>;
+  cudaError_t err = cudaFuncSetAttribute(
+      table_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(table_smem));
   if (err != cudaSuccess) return err;
-  kernel<<<unsigned(grid), kMergeThreads, smem, stream>>>(a, merge_table_slots(tokens, topk));
+  table_kernel<<<unsigned(grid), kMergeThreads, table_smem, stream>>>(a, slots);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // the tiles whose union overflowed the table (counts = -1); the others return at once
+  const size_t smem = merge_overflow_smem(seqlen_k, tokens, topk);
+  auto overflow_kernel = vec4 ? merge_overflow_kernel<4> : merge_overflow_kernel<1>;
+  err = cudaFuncSetAttribute(overflow_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             int(smem));
+  if (err != cudaSuccess) return err;
+  overflow_kernel<<<unsigned(grid), kMergeThreads, smem, stream>>>(a, slots);
   return cudaGetLastError();
 }
 

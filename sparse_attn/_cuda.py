@@ -254,7 +254,8 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int,
                       causal_offset: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CUDA backend of ``kernels/topk.py: merge_token_lists`` (csrc/topk_merge.cu): the
-    same contract, except that each tile's union comes out in ascending key order.
+    same contract (each tile's union in no particular order: hash-table slot order, or ascending
+    for tiles whose union overflowed the table).
 
     Args:
         indices: int32 CUDA ``[B, H, Sq, K]`` (any strides), -1 padded, keys < ``seqlen_k``.
