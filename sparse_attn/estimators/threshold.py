@@ -42,8 +42,9 @@ __all__ = ["Threshold", "ThresholdCalibration", "blasst_attention_ref", "calibra
 # worst layer reaches 1.2e-2, at 100 three of six layers exceed 1e-2 (up to 3.1e-2); the old
 # default 1.0 skipped almost nothing (median <= 1.6 % of the tiles). lambda fell more slowly
 # than 1 / L over 2k-8k (fitted beta 0.28 median, -0.28 .. 1.1 over layers), so scale / L errs
-# on the safe side at longer L. Other models and targets: calibrate_threshold /
-# threshold_vs_length.
+# on the safe side at longer L. Smaller tiles skip more at the same lambda: with 64x64 tiles
+# (threshold_calib/block64) 20 is not conservative (30: worst layer 2.2e-2); 10 keeps every
+# layer within 7.7e-3. Other models and targets: calibrate_threshold / threshold_vs_length.
 DEFAULT_THRESHOLD_SCALE = 20.0
 # candidate thresholds of calibrate_threshold: 1e-1 .. 1e-8, three per decade
 _CANDIDATES = tuple(10.0 ** (-e / 3) for e in range(3, 25))
@@ -60,8 +61,9 @@ class Threshold(BlockEstimator):
             ``threshold_scale / seqlen_k``.
         threshold_scale: ``lambda * seqlen_k`` (> 0) when ``threshold`` is None (default
             ``DEFAULT_THRESHOLD_SCALE`` = 20: a relative L2 output error within 1e-2 on every
-            measured layer of SmolLM2-135M at 2k-8k tokens, about 1e-3 on the median layer;
-            calibrate it for another model or target with :func:`calibrate_threshold`).
+            measured layer of SmolLM2-135M at 2k-8k tokens, about 1e-3 on the median layer,
+            with 128x128 tiles; 64x64 tiles want about 10; calibrate it for another model,
+            tile or target with :func:`calibrate_threshold`).
 
     ``SparseAttention`` / ``sparse_attention`` pass :meth:`softmax_threshold_for` to the kernel
     unless an explicit ``softmax_threshold=`` is given. The torch (CPU) attention backend
