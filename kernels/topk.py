@@ -22,11 +22,11 @@ each position, and the other rows see -inf. Two ways to form the chunks (MERGED 
   the union is T x K and the kernel does T x the useful MMA work, plus the merge.
 
 Cost per query token: loads ~ |union| / T x D x 4 bytes, MMA ~ |union| x G_PAD x D x 4 flops.
-Measured (H100, 128k, 32/8 heads, d=128, bf16, causal, K=2048; block-sparse kernel 9.7 ms at
-the same keys): per-token 173 ms (17.8x: 4x wasted MMA rows, every token re-gathers its 2048
-K/V rows); merged T=32, union cached 13.3 ms (1.4x); the merge itself 6.9 ms on the CUDA
-kernel (2.09x with it), 35 ms with the Triton one, 371 ms as a torch segmented sort. Random
-disjoint lists (union 11-18x K): per-token 299 ms beats merged (267 ms kernel + 105 ms CUDA
+Measured (H100, 128k, 32/8 heads, d=128, bf16, causal, K=2048; block-sparse kernel 9.9 ms at
+the same keys): per-token 171 ms (17.9x: 4x wasted MMA rows, every token re-gathers its 2048
+K/V rows); merged T=32, union cached 13.1 ms (1.32x); the merge itself 5.7 ms on the CUDA
+kernel (1.89x with it), 35 ms with the Triton one, 371 ms as a torch segmented sort. Random
+disjoint lists (union 11-18x K): per-token 299 ms beats merged (240 ms kernel + 122 ms CUDA
 merge): use merge=False there.
 """
 from __future__ import annotations
