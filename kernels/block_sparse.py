@@ -196,45 +196,12 @@ def _load_q_kv(Q, K, V, b, head, tok, m_row, h_kv,
 
 
 @triton.jit
-def _attend_full_tiles_pipelined(
-    acc, l_i, m_i, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    n_tiles, p_idx, stride_ij, seqlen_k, qk_scale,
-    LAYOUT_BN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
-):
-    """The unmasked tiles with the next tile's Q.K^T issued before this tile's softmax, so the
-    tensor cores work while the softmax runs (FlashAttention-3's intra-warpgroup overlap). The
-    last iteration recomputes its own tile's scores (index clamped) and drops them."""
-    N_SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
-    kb = tl.load(p_idx).to(tl.int64)
-    b_k = _load_kv_tile(K_base, kb * LAYOUT_BN, seqlen_k, stride_kn, stride_kd,
-                        BLOCK_N, HEAD_DIM, BLOCK_D, False, USE_TMA)
-    s = tl.dot(b_q, tl.trans(b_k))
-    for j in range(0, n_tiles):
-        start_n = tl.load(p_idx + (j // N_SUB) * stride_ij).to(tl.int64) * LAYOUT_BN \
-            + (j % N_SUB) * BLOCK_N
-        nxt = tl.minimum(j + 1, n_tiles - 1)
-        start_next = tl.load(p_idx + (nxt // N_SUB) * stride_ij).to(tl.int64) * LAYOUT_BN \
-            + (nxt % N_SUB) * BLOCK_N
-        b_k = _load_kv_tile(K_base, start_next, seqlen_k, stride_kn, stride_kd,
-                            BLOCK_N, HEAD_DIM, BLOCK_D, False, USE_TMA)
-        s_next = tl.dot(b_q, tl.trans(b_k))
-        m_blk = tl.max(s, 1) * qk_scale
-        p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, False)
-        b_v = _load_kv_tile(V_base, start_n, seqlen_k, stride_vn, stride_vd,
-                            BLOCK_N, HEAD_DIM, BLOCK_D, False, USE_TMA)
-        acc = tl.dot(p.to(b_v.dtype), b_v, acc)
-        s = s_next
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _attend_listed_blocks(
     acc, l_i, m_i, n_skipped, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
     count, p_idx, stride_ij, t0, last_row, row_pos, seqlen_q, seqlen_k, qk_scale,
     log2_threshold, LAYOUT_BN: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr,
-    USE_TMA: tl.constexpr, PIPE_QK: tl.constexpr = False,
+    USE_TMA: tl.constexpr,
 ):
     """The online softmax over the ``count`` sorted key blocks at ``p_idx``: unmasked tiles
     first (pipelined), then the masked suffix. Returns ``(acc, l_i, m_i, n_skipped,
@@ -255,23 +222,15 @@ def _attend_listed_blocks(
         scanning = scanning & (n_full > 0)
     N_SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
 
-    if PIPE_QK and not USE_THRESHOLD:
-        if n_full > 0:
-            acc, l_i, m_i = _attend_full_tiles_pipelined(
-                acc, l_i, m_i, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                n_full * N_SUB, p_idx, stride_ij, seqlen_k, qk_scale,
-                LAYOUT_BN, BLOCK_N, HEAD_DIM, BLOCK_D, USE_TMA)
-    else:
-        # one loop over (listed block, sub-tile) pairs: a single load site keeps the pipeline's
-        # shared-memory buffers to one set
-        for j in range(0, n_full * N_SUB):
-            kb = tl.load(p_idx + (j // N_SUB) * stride_ij).to(tl.int64)
-            acc, l_i, m_i, n_skipped = _attend_tile(
-                acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
-                stride_kn, stride_kd, stride_vn, stride_vd,
-                kb * LAYOUT_BN + (j % N_SUB) * BLOCK_N, row_pos, seqlen_k, qk_scale,
-                log2_threshold, BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD,
-                USE_TMA)
+    # one loop over (listed block, sub-tile) pairs: a single load site keeps the pipeline's
+    # shared-memory buffers to one set
+    for j in range(0, n_full * N_SUB):
+        kb = tl.load(p_idx + (j // N_SUB) * stride_ij).to(tl.int64)
+        acc, l_i, m_i, n_skipped = _attend_tile(
+            acc, l_i, m_i, n_skipped, b_q, K_base, V_base,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            kb * LAYOUT_BN + (j % N_SUB) * BLOCK_N, row_pos, seqlen_k, qk_scale, log2_threshold,
+            BLOCK_N, HEAD_DIM, BLOCK_D, False, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
     n_visited = n_full * N_SUB
     # the masked suffix is a few tiles at most: not worth pipelining buffers
     for j in tl.range(n_full * N_SUB, count * N_SUB, num_stages=1):
@@ -326,7 +285,6 @@ def _attend_layout_blocks(
     LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, USE_TMA: tl.constexpr,
-    PIPE_QK: tl.constexpr = False,
 ):
     """A program's tile, its Q load and the online softmax over the key blocks its layout
     lists: the whole block-sparse kernel but the store, and the first part of the stripe
@@ -346,7 +304,7 @@ def _attend_layout_blocks(
         acc, l_i, m_i, n_skipped, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn,
         stride_vd, count, p_idx, stride_ij, t0, last_row, row_pos, seqlen_q, seqlen_k,
         qk_scale, log2_threshold, LAYOUT_BN, BLOCK_N, HEAD_DIM, BLOCK_D, IS_CAUSAL,
-        USE_THRESHOLD, USE_TMA, PIPE_QK)
+        USE_THRESHOLD, USE_TMA)
     return (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q,
             K_ptr, V_ptr, acc, l_i, m_i, n_skipped, n_visited)
 
@@ -365,7 +323,7 @@ def _block_sparse_fwd_kernel(
     LAYOUT_BM: tl.constexpr, LAYOUT_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, USE_THRESHOLD: tl.constexpr, RETURN_LSE: tl.constexpr,
-    USE_TMA: tl.constexpr = False, PIPE_QK: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     (pid_bh, pid_m, b, h_layout, q_block, t0, head, tok, row_pos, m_row, last_row, b_q, K_ptr,
      V_ptr, acc, l_i, m_i, n_skipped, n_visited) = _attend_layout_blocks(
@@ -375,7 +333,7 @@ def _block_sparse_fwd_kernel(
         stride_ib, stride_ih, stride_im, stride_ij,
         seqlen_q, seqlen_k, num_head_tiles, num_m_tiles, qk_scale, log2_threshold,
         GROUP, PACK, LAYOUT_PER_KV_HEAD, LAYOUT_BM, LAYOUT_BN, BLOCK_M, BLOCK_N, HEAD_DIM,
-        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA, PIPE_QK)
+        BLOCK_D, IS_CAUSAL, USE_THRESHOLD, USE_TMA)
     _store_tile(Out, Lse, Stats, acc, l_i, m_i, n_skipped, n_visited, b, head, tok, m_row,
                 pid_bh * num_m_tiles + pid_m, stride_ob, stride_oh, stride_om, stride_od,
                 seqlen_q, num_head_tiles * PACK, HEAD_DIM, BLOCK_D, RETURN_LSE, USE_THRESHOLD)
@@ -402,10 +360,6 @@ def default_config(head_dim: int, dtype: torch.dtype,
         return (64, 64 if padded <= 128 else 32, 4, 2)
     key = min(_HOPPER_CONFIGS, key=lambda d: abs(d - padded))
     return _HOPPER_CONFIGS[key]
-
-
-# EXPERIMENT: issue the next tile's Q.K^T before this tile's softmax
-PIPE_QK = False
 
 
 def _torch_workspace(size: int, alignment: int, stream):
@@ -500,5 +454,5 @@ def block_sparse_fwd(
         q, k, v, out, out if lse is None else lse, counts, indices,
         out if stats is None else stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *counts.stride(), *indices.stride(), *scalars, PIPE_QK=PIPE_QK, **meta)
+        *counts.stride(), *indices.stride(), *scalars, **meta)
     return out, lse, stats

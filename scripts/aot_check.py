@@ -2,7 +2,7 @@
 compiler made of it (shared memory, registers, spills, wgmma, pipelined async copies).
 
 Usage: python scripts/aot_check.py [--head-dim 128] [--block-m 128] [--block-n 128]
-       [--warps 8] [--stages 3] [--threshold] [--dtype bf16]
+       [--warps 8] [--stages 3] [--threshold] [--dtype bf16] [--tma] [--dump PREFIX]
 """
 import argparse
 import os
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--threshold", action="store_true")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--tma", action="store_true")
+    ap.add_argument("--dump", help="write the PTX and SASS here")
     a = ap.parse_args()
     dt = a.dtype
     ptrs = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32",
@@ -63,6 +64,10 @@ def main():
         f.flush()
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
                                capture_output=True, text=True).stdout
+        if a.dump:
+            open(a.dump + ".ptx", "w").write(ck.asm["ptx"])
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True)
+            open(a.dump + ".sass", "w").write(sass.stdout)
     regs = re.findall(r"REG:(\d+)", usage)
     stack = re.findall(r"STACK:(\d+)", usage)
     print(f"shared={ck.metadata.shared} regs={regs} stack={stack} "
