@@ -8,6 +8,10 @@ Per cell: retrieved or not, the prefill time, and the mean layout density of the
 the sparsified layers. Prints a table, writes ``niah.json`` and the heat map ``niah.png``.
 
     python bench/niah.py --lengths 1024,2048 --depths 0,0.5,1 --out bench/results/cpu
+
+``--seeds 0,1,2`` repeats every cell with the passkey drawn from each seed alone, so a cell
+``length:depth:seed`` (``--cells 8192:0.3:1``) has the same passkey in any run: a later run can
+take exactly the cells that dense retrieved.
 """
 from __future__ import annotations
 
@@ -23,6 +27,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exit_on_sigterm, parse_list, print_table, run_meta, write_results  # noqa: E402
 
 from sparse_attn import demo  # noqa: E402
+
+
+def seed_passkey(seed: int) -> str:
+    """The five-digit passkey of a cell with an explicit seed (the same at every length/depth)."""
+    return str(random.Random(seed).randrange(10000, 100000))
+
+
+def plan_cells(lengths: list[int], depths: list[float], cells: str | None = None,
+               seeds: str | None = None, seed: int = 0) -> list[dict]:
+    """The prompts to run: ``[{"seqlen", "depth", "seed", "passkey"}]``, grid first.
+
+    Without ``seeds`` and with ``length:depth`` cells, the passkey of the ``i``-th cell is drawn
+    from ``seed * 1000 + i`` (as before ``--seeds`` existed; ``"seed"`` is then None). With
+    ``seeds`` (a comma list) every grid cell is repeated per seed, and a ``length:depth:seed``
+    cell names its seed; such cells take :func:`seed_passkey`. Repeated cells run once.
+    """
+    seed_list = [int(s) for s in (seeds or "").split(",") if s.strip()]
+    raw = [(n, d, s) for n in lengths for d in depths for s in (seed_list or [None])]
+    for part in (cells or "").split(","):
+        if part.strip():
+            fields = part.strip().split(":")
+            if len(fields) not in (2, 3):
+                raise ValueError(f"--cells {part!r}: expected length:depth or length:depth:seed")
+            n, d = parse_list(fields[0], int)[0], float(fields[1])
+            if len(fields) == 3:
+                raw.append((n, d, int(fields[2])))
+            else:
+                raw.extend((n, d, s) for s in (seed_list or [None]))
+    out, seen = [], set()
+    for i, (n, d, s) in enumerate(raw):
+        if (n, d, s) in seen:
+            continue
+        seen.add((n, d, s))
+        key = seed_passkey(s) if s is not None else \
+            str(random.Random(seed * 1000 + i).randrange(10000, 100000))
+        out.append({"seqlen": n, "depth": d, "seed": s, "passkey": key})
+    return out
 
 
 def load_model(device: str):
@@ -110,11 +151,16 @@ def parse_configs(items: list[str] | None) -> dict[str, dict]:
 def method_plans(methods: str | None, config_items: list[str] | None) -> list[dict]:
     """The sparse runs: ``[{"label", "method", "config", "per_layer"}]``, checked before loading.
 
-    ``methods`` is a comma list of ``name`` or ``name@tag`` (default: :func:`default_methods`);
+    ``methods`` is a comma list of ``name`` or ``name@tag`` (default: :func:`default_methods`;
+    ``"none"``: no sparse run, dense alone);
     each takes its ``--config`` (by its label; a ``name@tag`` also takes ``name``'s first).
     """
     import sparse_attn as sa
-    specs = [m.strip() for m in (methods or ",".join(default_methods())).split(",") if m.strip()]
+    if methods is not None and methods.strip() == "none":  # dense alone
+        methods = ""
+    elif not methods:
+        methods = ",".join(default_methods())
+    specs = [m.strip() for m in methods.split(",") if m.strip()]
     configs = parse_configs(config_items)
     unknown = sorted(set(configs) - set(specs) - {s.split("@")[0] for s in specs})
     if unknown:
@@ -166,7 +212,7 @@ def add_method_args(ap) -> None:
     """The ``--methods``, ``--config`` and ``--attn`` options shared by niah.py and ppl.py."""
     ap.add_argument("--methods", default=None,
                     help="sparse methods, name or name@tag (default: every registered one "
-                         "but oracle); dense always runs")
+                         "but oracle; 'none': dense alone); dense always runs")
     ap.add_argument("--config", action="append", default=None,
                     help="a method's config, 'SPEC:key=value,...' or JSON {SPEC: {...}} "
                          "(repeatable; block_size=64, dense_layers=0+1 shorthands)")
@@ -184,28 +230,34 @@ def patch_plan(model, plan: dict):
 
 def draw(rows: list[dict], methods: list[str], lengths: list[int], depths: list[float],
          path: Path) -> None:
-    """Green (retrieved) / red (missed) / grey (not run) per method, lengths x depths."""
+    """Green (retrieved) / red (missed) / grey (not run) per method, lengths x depths.
+
+    With seeded cells each column is one depth and seed (``50%/s1``).
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
+    cols = sorted({(r["depth"], r.get("seed")) for r in rows},
+                  key=lambda c: (c[0], -1 if c[1] is None else c[1]))
     cmap = ListedColormap(["#d73027", "#1a9850"])
     cmap.set_bad("#cccccc")
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 1.1 * len(depths) * len(methods),
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.2 + 1.1 * len(cols) * len(methods),
                                                        1.2 + 0.6 * len(lengths)),
                              squeeze=False, sharey=True)
     for ax, method in zip(axes[0], methods):
-        grid = torch.full((len(lengths), len(depths)), float("nan"))
+        grid = torch.full((len(lengths), len(cols)), float("nan"))
         for r in rows:
             if r["method"] == method:
-                i, j = lengths.index(r["seqlen"]), depths.index(r["depth"])
+                i, j = lengths.index(r["seqlen"]), cols.index((r["depth"], r.get("seed")))
                 grid[i, j] = float(r["retrieved"])
                 note = "" if r["density"] is None else f"{r['density']:.2f}"
                 ax.text(j, i, note, ha="center", va="center", fontsize=8, color="white")
         ax.imshow(grid.numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto")
         ax.set_title(method)
-        ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xticks(range(len(cols)), [f"{d:.0%}" + ("" if sd is None else f"/s{sd}")
+                                         for d, sd in cols])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_xlabel("needle depth")
     axes[0][0].set_ylabel("context length (tokens)")
@@ -222,7 +274,11 @@ def main(argv=None) -> None:
     ap.add_argument("--depths", default="0,0.25,0.5,0.75,1.0", help="needle depths (0..1)")
     add_method_args(ap)
     ap.add_argument("--cells", default=None,
-                    help="only these length:depth cells, e.g. 4096:0.5 (beside the grid)")
+                    help="these length:depth[:seed] cells too, e.g. 4096:0.5 or 8192:0.3:1 "
+                         "(beside the grid; pass --lengths '' for these alone)")
+    ap.add_argument("--seeds", default=None,
+                    help="repeat each cell per seed, e.g. 0,1,2; the passkey then depends on "
+                         "the seed alone (reproducible per cell)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -235,13 +291,9 @@ def main(argv=None) -> None:
 
     lengths = parse_list(args.lengths, int)
     depths = parse_list(args.depths, float)
-    cells = [(n, d) for n in lengths for d in depths]
-    for part in (args.cells or "").split(","):
-        if part.strip():
-            n, d = part.split(":")
-            cells.append((parse_list(n, int)[0], float(d)))
-            lengths = sorted(set(lengths) | {cells[-1][0]})
-            depths = sorted(set(depths) | {cells[-1][1]})
+    cells = plan_cells(lengths, depths, args.cells, args.seeds, args.seed)
+    lengths = sorted({c["seqlen"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
     plans = method_plans(args.methods, args.config)  # bad names/keys fail before the load
     if args.attn == "mask":
         use_mask_attention()
@@ -250,10 +302,8 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     model, tokenizer, dev, dtype = load_model(args.device or
                                               ("cuda" if torch.cuda.is_available() else "cpu"))
-    prompts = {}
-    for i, (n, d) in enumerate(cells):
-        key = str(random.Random(args.seed * 1000 + i).randrange(10000, 100000))
-        prompts[(n, d)] = (key, demo.build_prompt(tokenizer, n, d, key).to(dev))
+    prompts = [demo.build_prompt(tokenizer, c["seqlen"], c["depth"], c["passkey"]).to(dev)
+               for c in cells]
 
     try:
         from _common import env_info
@@ -262,7 +312,8 @@ def main(argv=None) -> None:
         info = {"torch": torch.__version__}
     meta = {**run_meta(info), "model": "SmolLM2-135M-Instruct (gguf Q4_1 -> "
             f"{str(dtype).replace('torch.', '')})", "device": str(dev), "lengths": lengths,
-            "depths": depths, "methods": all_methods, "min_seqlen": 0, "attn": args.attn,
+            "depths": depths, "seeds": args.seeds, "seed": args.seed,
+            "cells": cells, "methods": all_methods, "min_seqlen": 0, "attn": args.attn,
             "configs": {p["label"]: {"method": p["method"], **p["config"],
                                      "dense_layers": p["dense_layers"]} for p in plans}}
     out = Path(args.out)
@@ -274,8 +325,8 @@ def main(argv=None) -> None:
             if plan is not None:
                 handle = patch_plan(model, plan)
                 meta.setdefault("patch", {})[method] = str(handle)
-            for n, d in cells:
-                key, ids = prompts[(n, d)]
+            for cell, ids in zip(cells, prompts):
+                n, d, key = cell["seqlen"], cell["depth"], cell["passkey"]
                 bar.set_postfix_str(f"{method} {n} @ {d:.0%}")
                 if handle is not None:
                     handle.reset_stats()
@@ -283,7 +334,7 @@ def main(argv=None) -> None:
                 text, prefill_s = answer(model, tokenizer, ids, args.max_new_tokens,
                                          f"{method} {n}")
                 density, n_sparse = sparse_density(handle) if handle else (None, 0)
-                rows.append({"method": method, "seqlen": n, "depth": d,
+                rows.append({"method": method, "seqlen": n, "depth": d, "seed": cell["seed"],
                              "prompt_tokens": int(ids.shape[1]), "passkey": key,
                              "answer": text, "answered": demo._number(text),
                              "retrieved": key in text, "density": density,
@@ -305,16 +356,19 @@ def main(argv=None) -> None:
 
 
 def report(rows: list[dict], methods: list[str]) -> None:
-    print_table(rows, ["method", ("seqlen", "length", None), ("depth", "depth", ".2f"),
+    print_table(rows, ["method", ("seqlen", "length", None), ("depth", "depth", ".2f"), "seed",
                        ("prompt_tokens", "tokens", None), "passkey", "answered", "retrieved",
                        ("density", "density (sparse layers)", ".3f"),
                        ("prefill_s", "prefill (s)", ".2f")], title="\nneedle grid:")
-    dense = {(r["seqlen"], r["depth"]) for r in rows if r["method"] == "dense" and r["retrieved"]}
+    def cell(r):
+        return r["seqlen"], r["depth"], r.get("seed")
+
+    dense = {cell(r) for r in rows if r["method"] == "dense" and r["retrieved"]}
     summary = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
         dens = [r["density"] for r in mine if r["density"] is not None]
-        got = {(r["seqlen"], r["depth"]) for r in mine if r["retrieved"]}
+        got = {cell(r) for r in mine if r["retrieved"]}
         summary.append({"method": m, "cells": len(mine), "retrieved": len(got),
                         "of_dense": f"{len(got & dense)}/{len(dense)}",
                         "mean_density": sum(dens) / len(dens) if dens else None,

@@ -65,3 +65,30 @@ def test_mask_attention_matches_the_op(niah, method, config):
         module._LAYOUT_OPS.clear()
         module._LAYOUT_OPS.update(saved)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_cells_without_seeds_keep_the_old_passkeys(niah):
+    # the i-th cell draws from seed * 1000 + i, as the earlier runs recorded (8k: 60494, 27611)
+    cells = niah.plan_cells([8192], [0.5, 1.0])
+    assert [(c["depth"], c["seed"], c["passkey"]) for c in cells] == [
+        (0.5, None, "60494"), (1.0, None, "27611")]
+    assert niah.plan_cells([], [], "4096:0.5", seed=3)[0]["passkey"] == \
+        str(__import__("random").Random(3000).randrange(10000, 100000))
+
+
+def test_seeded_cells_reproduce_in_any_subset(niah):
+    grid = niah.plan_cells([8192], [0.1, 0.3], seeds="1,2")
+    assert [(c["depth"], c["seed"]) for c in grid] == [(0.1, 1), (0.1, 2), (0.3, 1), (0.3, 2)]
+    assert {c["passkey"] for c in grid if c["seed"] == 1} == {niah.seed_passkey(1)}
+    assert niah.seed_passkey(1) != niah.seed_passkey(2)
+    # a later run of one cell, by its seed, gets the same prompt key; repeats run once
+    again = niah.plan_cells([], [], "8192:0.3:2,8192:0.3:2")
+    assert again == [c for c in grid if (c["depth"], c["seed"]) == (0.3, 2)]
+    # a length:depth cell with --seeds is repeated per seed
+    assert len(niah.plan_cells([], [], "8k:0.5", seeds="0,1")) == 2
+    with pytest.raises(ValueError, match="length:depth"):
+        niah.plan_cells([], [], "8192")
+
+
+def test_methods_none_is_dense_alone(niah):
+    assert niah.method_plans("none", None) == []
