@@ -309,6 +309,25 @@ def parse_list(text: str, kind=float) -> list:
     return items
 
 
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """A method name with config overrides: ``"proxy[gqa_reduce=max]"`` -> ``("proxy", {"gqa_reduce": "max"})`` (values: int, float
+    or str; several separated by ``;``)."""
+    if "[" not in spec:
+        return spec, {}
+    name, rest = spec.split("[", 1)
+    extra = {}
+    for item in rest.rstrip("]").split(";"):
+        key, value = item.split("=", 1)
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        extra[key.strip()] = value
+    return name, extra
+
+
 def run_meta(info: dict) -> dict:
     return {"env": info, "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "cwd": os.getcwd(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}

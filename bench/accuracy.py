@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import exit_on_sigterm, parse_list, print_table, run_meta, write_results  # noqa: E402
+from _common import (exit_on_sigterm, parse_list, parse_method_spec, print_table,  # noqa: E402
+                     run_meta, write_results)
 
 from sparse_attn.layout import BlockLayout, StripeLayout  # noqa: E402
 
@@ -275,8 +276,9 @@ def run_layer(q, k, v, methods: list[str], layer: int, notes: dict) -> list[dict
     layouts, labels, est_s = {}, {}, {}
     rows = []
     for name in methods:
-        base, stride = _variant(name)
-        points = method_points(base)
+        spec, overrides = parse_method_spec(name)  # "lowbit[rows=4]": config overrides
+        base, stride = _variant(spec)
+        points = [{**c, **overrides} for c in method_points(base)]
         if stride is not None:
             points = [c for c in points if "mass" in c]
         for config in points:
@@ -454,7 +456,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlen", type=int, default=4096, help="tokens of text (4k-8k)")
     ap.add_argument("--layers", default="all", help="layer indices, e.g. 0,5,10 (default all)")
-    ap.add_argument("--methods", default="all", help="estimator names (default: every one)")
+    ap.add_argument("--methods", default="all",
+                    help="estimator names, each with optional config overrides as in "
+                         "lowbit[rows=4] (default: every one)")
     ap.add_argument("--device", default="cpu", help="cpu (fp32, default) or cuda (bf16 model)")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--masses", default=None, metavar="M,...",
@@ -491,8 +495,11 @@ def main(argv=None) -> None:
         m.strip() for m in args.methods.split(",") if m.strip()]
     methods += [f"anchor~s{n}" for n in parse_list(args.anchor_strides, int)]
     LONG_KEYS = args.long_keys
-    for m in methods:  # bad names fail before the slow load
-        method_points(_variant(m)[0])
+    for m in methods:  # bad names and configs fail before the slow load
+        spec, overrides = parse_method_spec(m)
+        base = _variant(spec)[0]
+        for config in method_points(base):
+            make_estimator(base, {**config, **overrides})
     t_start = time.perf_counter()
     model, tokenizer, dev, dtype = load_model(args.device)
     n_layers = model.config.num_hidden_layers

@@ -28,8 +28,9 @@ import sys
 import torch
 
 from _common import (Budget, add_shape_args, dense_sdpa_rows, env_info, env_line,
-                     exit_on_sigterm, finish, free_cuda, guarded, parse_list, print_table,
-                     random_qkv, run_meta, time_provider, write_results)
+                     exit_on_sigterm, finish, free_cuda, guarded, parse_list,
+                     parse_method_spec, print_table, random_qkv, run_meta, time_provider,
+                     write_results)
 from sparse_attn import BlockLayout, block_sparse_attention, estimators
 from sparse_attn.module import _LAYOUT_OPS
 
@@ -79,25 +80,6 @@ def parse_args(argv=None):
         if not torch.cuda.is_available():
             args.heads, args.kv_heads, args.head_dim = 4, 2, 64
     return args
-
-
-def _parse_method(spec: str) -> tuple[str, dict]:
-    """``"proxy[gqa_reduce=max]"`` -> ``("proxy", {"gqa_reduce": "max"})`` (values: int, float
-    or str)."""
-    if "[" not in spec:
-        return spec, {}
-    name, rest = spec.split("[", 1)
-    extra = {}
-    for item in rest.rstrip("]").split(";"):
-        key, value = item.split("=", 1)
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                pass
-        extra[key.strip()] = value
-    return name, extra
 
 
 def _budget_config(name: str, seqlen: int, block: int, density: float, mass: float | None):
@@ -157,7 +139,7 @@ def bench_length(args, seqlen: int, budget: Budget, warm: int, rep: int):
     rows = []
     available = estimators.available()
     for spec in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        name, extra = _parse_method(spec)
+        name, extra = parse_method_spec(spec)
         for budget_name, mass in (("density", None), ("mass", args.mass)):
             row = {**base, "section": "estimate", "method": spec, "dense_ms": best,
                    "target_pct": TARGET_PCT.get(name),
