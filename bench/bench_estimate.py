@@ -206,6 +206,8 @@ def bench_threshold(args, budget: Budget):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lengths = parse_list(args.threshold_lengths, int)
+    if not lengths:  # --threshold-lengths "": no calibration
+        return []
     block = args.block if device == "cuda" else 64
     heads = 4 if device == "cuda" else 1
     q, k, v = (t.to(device=device, dtype=dtype)
