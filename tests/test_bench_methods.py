@@ -52,9 +52,10 @@ def test_bad_options_fail_before_loading(niah, methods, configs, match):
     ("proxy", {"block_m": 64, "block_n": 64, "mass": 0.8}),  # per-query-head layout
     ("anchor", {}),  # a StripeLayout
 ])
-def test_mask_attention_matches_the_op(niah, method, config):
+def test_mask_attention_matches_the_op(niah, method, config, monkeypatch):
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 4, 300, 32), torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    monkeypatch.setattr(niah, "_MASK_CHUNK", 128)  # several query chunks, the last one short
     attn = sparse_attn.SparseAttention(method, min_seqlen=0, backend="torch", **config)
     want = attn(q, k, v)
     saved = dict(module._LAYOUT_OPS)
