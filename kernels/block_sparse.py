@@ -11,6 +11,7 @@ its V load and its P.V product.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -366,10 +367,16 @@ def _torch_workspace(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    # cached: the query costs ~10 us of host time on every launch otherwise
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _can_use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Hopper's copy engine needs unit last stride, 16-byte aligned rows and bases, and a
     power-of-two head dim (the box is the whole row)."""
-    if k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+    if k.device.type != "cuda" or _capability(k.device.index or 0)[0] < 9:
         return False
     d = k.shape[-1]
     if d & (d - 1) or d < 16:

@@ -110,14 +110,14 @@ def op_result(out: torch.Tensor, lse, stats, *, return_lse: bool, return_skipped
     """``out`` or ``(out, lse?, skipped?)``; ``skipped`` is the share of visited tiles the
     threshold skipped, from the kernel's per-program ``stats [programs, 2]`` (0 without them),
     a 0-dim device tensor (no host synchronisation)."""
-    if stats is None:
-        skipped = torch.zeros((), dtype=torch.float32, device=out.device)
-    else:
-        totals = stats.sum(0, dtype=torch.int64).float()
-        skipped = totals[0] / totals[1].clamp(min=1.0)
     extras = []
     if return_lse:
         extras.append(lse)
-    if return_skipped:
+    if return_skipped:  # only when asked: each is a kernel launch on every call
+        if stats is None:
+            skipped = torch.zeros((), dtype=torch.float32, device=out.device)
+        else:
+            totals = stats.sum(0, dtype=torch.int64).float()
+            skipped = totals[0] / totals[1].clamp(min=1.0)
         extras.append(skipped)
     return (out, *extras) if extras else out
