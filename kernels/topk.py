@@ -19,9 +19,7 @@ each position, and the other rows see -inf. Two ways to form the chunks (MERGED 
   Neighbouring tokens' top-k sets overlap heavily in real attention (local window,
   sinks, shared "heavy" keys), so the union is close to K and each gathered K/V row serves all
   M rows: the loads drop T-fold and the MMA work stays near the useful one. With disjoint sets
-  the union is T x K and the kernel does T x the useful MMA work, plus the merge. The merged
-  lists hold at most MAX_UNION keys per tile (memory); a tile with a larger union (counts -1)
-  runs the per-token loop inside the same kernel.
+  the union is T x K and the kernel does T x the useful MMA work, plus the merge.
 
 Cost per query token: loads ~ |union| / T x D x 4 bytes, MMA ~ |union| x G_PAD x D x 4 flops.
 Measured (H100, 128k, 32/8 heads, d=128, bf16, causal, K=2048; block-sparse kernel 9.9 ms at
@@ -41,11 +39,6 @@ from .. import _cuda
 from .block_sparse import _softmax_step
 
 MERGE_BACKENDS = ("auto", "cuda", "triton")
-# keys a tile's merged union may hold (the merged lists take 8 bytes per key per tile: at 128k,
-# K=2048, T=32 and 8 KV heads, 2.1 GB at 8192 against 17 GB for the worst case T*K); a tile
-# whose union is larger runs over its tokens' own lists instead. 8192 is also the CUDA merge's
-# hash-table size.
-MAX_UNION = 8192
 
 
 @triton.jit
@@ -62,18 +55,63 @@ def _gather_rows(base, idx, stride_n, stride_d,
 
 
 @triton.jit
-def _attend_chunks(acc, l_i, m_i, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn,
-                   stride_vd, p_idx, p_bits, stride_im, stride_ij, n_iter, list_len, count,
-                   t0, row_t, row_pos, seqlen_q, qk_scale,
-                   TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, MERGED: tl.constexpr):
-    """The online softmax over a tile's key chunks: the merged union with its owner words
-    (MERGED), or each token's own list in turn (``p_idx`` at the tile's first token)."""
+def _topk_fwd_kernel(
+    Q, K, V, Out, Lse, Idx, Bits, Counts,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_ib, stride_ih, stride_im, stride_ij,
+    seqlen_q, seqlen_k, list_len, num_kv_heads, num_m_tiles, qk_scale,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, MERGED: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    # Idx: per token [B, Hkv, Sq, K] (MERGED=False) or per tile [B, Hkv, NT, T*K] with Bits
+    # (same shape and strides) and Counts [B, Hkv, NT] (MERGED=True).
+    # (batch, KV head) varies fastest, query tiles run last-first (causal: heavier first)
+    pid = tl.program_id(0).to(tl.int64)
+    num_bh = tl.num_programs(0).to(tl.int64) // num_m_tiles
+    pid_bh = pid % num_bh
+    pid_m = num_m_tiles - 1 - pid // num_bh
+    b = pid_bh // num_kv_heads
+    h_kv = pid_bh % num_kv_heads
+    t0 = pid_m * TOKENS
+    offset = seqlen_k - seqlen_q  # queries are aligned to the end of the keys
+
+    BLOCK_M: tl.constexpr = G_PAD * TOKENS
+    offs_r = tl.arange(0, BLOCK_M)
+    g = offs_r // TOKENS
+    row_t = offs_r % TOKENS  # the row's token within the tile
+    head = h_kv * GROUP + g
+    tok = t0 + row_t
+    row_pos = tok + offset
+    m_row = (tok < seqlen_q) & (g < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_d = offs_d < HEAD_DIM
+
+    p_q = (Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qm
+           + offs_d[None, :] * stride_qd)
+    b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    K_base = K + b * stride_kb + h_kv * stride_kh
+    V_base = V + b * stride_vb + h_kv * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    n_chunks = tl.cdiv(list_len, BLOCK_N)
+
     if MERGED:
+        p_idx = Idx + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
+        p_bits = Bits + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
+        count = tl.load(Counts + pid_bh * num_m_tiles + pid_m)
+        n_iter = tl.cdiv(count, BLOCK_N)
         # owner bits of every token of the tile (rows past the query length are not stored)
         full = ((1 << tl.minimum(seqlen_q - t0, TOKENS).to(tl.int64)) - 1).to(tl.int32)
+    else:
+        p_idx = Idx + b * stride_ib + h_kv * stride_ih + t0 * stride_im
+        n_chunks = tl.cdiv(list_len, BLOCK_N)
+        n_iter = TOKENS * n_chunks
     # one flat loop (a single gather site keeps one set of pipeline buffers). A variant with a
     # separate unmasked loop over keys that every token of the tile owns was slower on an H100
     # (14.3 vs 13.4 ms at 128k, K=2048, T=32); a per-chunk test that skips the mask gains 3%.
@@ -107,79 +145,6 @@ def _attend_chunks(acc, l_i, m_i, b_q, K_base, V_base, stride_kn, stride_kd, str
         p, m_i, l_i, acc = _softmax_step(s, m_i, l_i, acc, m_blk, qk_scale, True)
         b_v = _gather_rows(V_base, idx, stride_vn, stride_vd, HEAD_DIM, BLOCK_D)
         acc = tl.dot(p.to(b_v.dtype), b_v, acc)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _topk_fwd_kernel(
-    Q, K, V, Out, Lse, Lists, Idx, Bits, Counts,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_lb, stride_lh, stride_lm, stride_lj,
-    stride_ib, stride_ih, stride_im, stride_ij,
-    seqlen_q, seqlen_k, list_len, num_kv_heads, num_m_tiles, qk_scale,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, MERGED: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
-):
-    # Lists: per token [B, Hkv, Sq, K]. MERGED: Idx/Bits per tile [B, Hkv, NT, W] (same
-    # strides) and Counts [B, Hkv, NT]; a tile whose union did not fit W (count -1) runs over
-    # its tokens' own lists instead.
-    # (batch, KV head) varies fastest, query tiles run last-first (causal: heavier first)
-    pid = tl.program_id(0).to(tl.int64)
-    num_bh = tl.num_programs(0).to(tl.int64) // num_m_tiles
-    pid_bh = pid % num_bh
-    pid_m = num_m_tiles - 1 - pid // num_bh
-    b = pid_bh // num_kv_heads
-    h_kv = pid_bh % num_kv_heads
-    t0 = pid_m * TOKENS
-    offset = seqlen_k - seqlen_q  # queries are aligned to the end of the keys
-
-    BLOCK_M: tl.constexpr = G_PAD * TOKENS
-    offs_r = tl.arange(0, BLOCK_M)
-    g = offs_r // TOKENS
-    row_t = offs_r % TOKENS  # the row's token within the tile
-    head = h_kv * GROUP + g
-    tok = t0 + row_t
-    row_pos = tok + offset
-    m_row = (tok < seqlen_q) & (g < GROUP)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_d = offs_d < HEAD_DIM
-
-    p_q = (Q + b * stride_qb + head[:, None] * stride_qh + tok[:, None] * stride_qm
-           + offs_d[None, :] * stride_qd)
-    b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    K_base = K + b * stride_kb + h_kv * stride_kh
-    V_base = V + b * stride_vb + h_kv * stride_vh
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    p_lists = Lists + b * stride_lb + h_kv * stride_lh + t0 * stride_lm
-    per_token_iters = TOKENS * tl.cdiv(list_len, BLOCK_N)
-    if MERGED:
-        count = tl.load(Counts + pid_bh * num_m_tiles + pid_m)
-        if count >= 0:
-            p_idx = Idx + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
-            p_bits = Bits + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
-            acc, l_i, m_i = _attend_chunks(
-                acc, l_i, m_i, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn,
-                stride_vd, p_idx, p_bits, stride_im, stride_ij, tl.cdiv(count, BLOCK_N),
-                list_len, count, t0, row_t, row_pos, seqlen_q, qk_scale,
-                TOKENS, BLOCK_N, HEAD_DIM, BLOCK_D, IS_CAUSAL, True)
-        else:
-            acc, l_i, m_i = _attend_chunks(
-                acc, l_i, m_i, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn,
-                stride_vd, p_lists, p_lists, stride_lm, stride_lj, per_token_iters,
-                list_len, 0, t0, row_t, row_pos, seqlen_q, qk_scale,
-                TOKENS, BLOCK_N, HEAD_DIM, BLOCK_D, IS_CAUSAL, False)
-    else:
-        acc, l_i, m_i = _attend_chunks(
-            acc, l_i, m_i, b_q, K_base, V_base, stride_kn, stride_kd, stride_vn, stride_vd,
-            p_lists, p_lists, stride_lm, stride_lj, per_token_iters, list_len, 0, t0, row_t,
-            row_pos, seqlen_q, qk_scale, TOKENS, BLOCK_N, HEAD_DIM, BLOCK_D, IS_CAUSAL, False)
 
     # rows that saw no key: l = 0, output 0, lse = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -281,8 +246,7 @@ def _merge_kernel(
 
 
 def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | None = None,
-                      causal_offset: int | None = None, backend: str = "auto",
-                      max_union: int | None = None
+                      causal_offset: int | None = None, backend: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Union of the key lists of each run of ``tokens`` consecutive query tokens, with owner
     bits. Two kernels, neither sorts: the CUDA one (csrc/topk_merge.cu: a (key, owner word) hash
@@ -298,14 +262,12 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | Non
             (``Sk - Sq`` for causal attention): the owner bits then encode causality.
         backend: ``"auto"`` (CUDA when the extension is loaded and ``indices`` is on a GPU,
             else Triton), ``"cuda"`` or ``"triton"``.
-        max_union: keys a tile's union may hold, ``W = min(T*K, max_union)`` (default
-            ``MAX_UNION``); a tile with more gets ``counts = -1``.
 
     Returns:
-        ``(union [B, H, NT, W] int32, owners [B, H, NT, W] int32 (bit t set when the tile's
-        token t lists the position), counts [B, H, NT] int32)`` with ``NT = ceil(Sq / T)``;
-        entries ``[..., :counts]`` are valid (each key once), the rest is unspecified;
-        ``counts = -1`` marks a tile whose union has more than ``W`` keys (not stored).
+        ``(union [B, H, NT, T*K] int32, owners [B, H, NT, T*K] int32 (bit t set when the
+        tile's token t lists the position), counts [B, H, NT] int32)`` with
+        ``NT = ceil(Sq / T)``; entries ``[..., :counts]`` are valid (each key once), the rest
+        is unspecified.
 
     Example:
         >>> union, owners, counts = merge_token_lists(layout.indices, 16, seqlen_k=8192,
@@ -318,11 +280,10 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | Non
                          f"{backend!r}")
     if seqlen_k is None:
         seqlen_k = int(indices.max()) + 1
-    batch, heads, sq, topk = indices.shape
-    width = merged_width(tokens, topk, max_union)
     if backend == "cuda" or (backend == "auto" and indices.is_cuda and _cuda.available()):
         return _cuda.merge_token_lists(indices, tokens, seqlen_k=seqlen_k,
-                                       causal_offset=causal_offset, max_union=width)
+                                       causal_offset=causal_offset)
+    batch, heads, sq, topk = indices.shape
     nt = triton.cdiv(sq, tokens)
     dev = indices.device
     union = torch.empty((batch, heads, nt, tokens * topk), dtype=torch.int32, device=dev)
@@ -341,18 +302,7 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | Non
         sq, topk, scratch.shape[1], heads, nt, total,
         0 if causal_offset is None else causal_offset,
         TOKENS=tokens, CHUNK=chunk, CAUSAL=causal_offset is not None, num_warps=4)
-    if width < tokens * topk:  # the kernel needs the whole row to clear its scratch
-        counts = torch.where(counts > width, -1, counts)
-        union, owners = union[..., :width], owners[..., :width]
     return union, owners, counts
-
-
-def merged_width(tokens: int, topk: int, max_union: int | None = None) -> int:
-    """Keys per tile the merged lists hold: ``min(T*K, max_union or MAX_UNION)``."""
-    cap = MAX_UNION if max_union is None else max_union
-    if not (isinstance(cap, int) and cap >= 1):
-        raise ValueError(f"merge_token_lists: max_union must be a positive int, got {cap!r}")
-    return min(tokens * topk, cap)
 
 
 def merge_token_lists_torch(indices: torch.Tensor, tokens: int, chunk_elems: int = 1 << 26
@@ -428,17 +378,16 @@ def topk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.T
                 indices, tokens, seqlen_k=seqlen_k,
                 causal_offset=seqlen_k - seqlen_q if causal else None)
         idx, bits, counts = merged_lists
-        if idx.shape[2] != num_m_tiles or idx.shape[3] > tokens * indices.shape[3]:
+        if idx.shape[2] != num_m_tiles or idx.shape[3] != tokens * indices.shape[3]:
             raise ValueError(
                 f"merged lists {tuple(idx.shape)} were built for another TOKENS than {tokens}")
     else:
         idx, bits, counts = indices, indices, indices  # bits/counts unused
     grid = (batch * hkv * num_m_tiles,)
     _topk_fwd_kernel[grid](
-        q, k, v, out, lse if lse is not None else out, indices, idx, bits, counts,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *indices.stride(),
-        *idx.stride(), seqlen_q, seqlen_k, indices.shape[3], hkv, num_m_tiles,
-        scale * 1.4426950408889634,
+        q, k, v, out, lse if lse is not None else out, idx, bits, counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
+        seqlen_q, seqlen_k, idx.shape[3], hkv, num_m_tiles, scale * 1.4426950408889634,
         GROUP=group, G_PAD=g_pad, TOKENS=tokens, MERGED=merged,
         BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         IS_CAUSAL=causal, RETURN_LSE=return_lse,
