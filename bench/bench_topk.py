@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from _common import (Budget, _fmt, add_shape_args, attention_tflop, env_info, env_line,
+from _common import (Budget, add_shape_args, attention_tflop, env_info, env_line,
                      exit_on_sigterm, free_cuda, guarded, parse_list, print_table, random_qkv,
                      require_cuda, run_meta, tflops, time_provider, write_results)
 from sparse_attn import _cuda
@@ -205,14 +205,11 @@ def make_pattern(args, name, keys, device):
     return None, topk_random(args.batch, args.kv_heads, seqlen, keys, seed, device)
 
 
-def union_ratio(counts: torch.Tensor, layout: TopKLayout) -> float | None:
-    """Mean |union of a tile's T lists| / mean listed keys per token over the tiles whose union
-    was stored (None when none was: every tile ran per token)."""
+def union_ratio(counts: torch.Tensor, layout: TopKLayout) -> float:
+    """Mean |union of a tile's T lists| / mean listed keys per token: the merged kernel's
+    gathered keys per tile relative to one token's list."""
     per_token = (layout.indices >= 0).sum(-1, dtype=torch.float32).mean()
-    stored = counts[counts >= 0]
-    if stored.numel() == 0:
-        return None
-    return float(stored.float().mean() / per_token.clamp(min=1))
+    return float(counts.float().mean() / per_token.clamp(min=1))
 
 
 # -------------------------------------------------------------------------------- runs
@@ -461,8 +458,7 @@ def dry_run(args) -> int:
         future = ((lay.indices.long() > pos[:, None]) & (lay.indices >= 0)).sum()
         print(f"{name}: keys/token min {int(n.min())} max {int(n.max())} late-mean "
               f"{float(n[..., s // 2:].float().mean()):.1f}; future keys {int(future)}; "
-              f"union/K (T=16) "
-              f"{_fmt(union_ratio(merge_token_lists(lay.indices, 16, seqlen_k=s)[2], lay), '.2f')}")
+              f"union/K (T=16) {union_ratio(merge_token_lists(lay.indices, 16, seqlen_k=s)[2], lay):.2f}")
         if int(n[..., s // 2:].max()) > keys:
             problems.append(f"{name}: more than K keys")
         if name == "random" and future:

@@ -188,7 +188,7 @@ at::Tensor lowbit_block_scores_cuda(const at::Tensor& q, const at::Tensor& k,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_token_lists_cuda(
     const at::Tensor& indices, int64_t tokens, int64_t seqlen_k,
-    c10::optional<int64_t> causal_offset, int64_t max_union) {
+    c10::optional<int64_t> causal_offset) {
   const std::string name = "merge_token_lists";
   TORCH_CHECK(indices.defined() && indices.layout() == at::kStrided,
               name + ": indices must be a dense tensor");
@@ -205,15 +205,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_token_lists_cuda(
   const int64_t batch = indices.size(0), heads = indices.size(1);
   const int64_t seqlen_q = indices.size(2), topk = indices.size(3);
   const int64_t tiles = (seqlen_q + tokens - 1) / tokens;
-  TORCH_CHECK(max_union >= 1, name + ": max_union must be >= 1, got " + text(max_union));
-  const int64_t width = std::min(tokens * topk, max_union);
   TORCH_CHECK(batch * heads * tiles < (int64_t{1} << 31) && seqlen_q < (int64_t{1} << 31) &&
                   topk < (int64_t{1} << 24),
               name + ": sizes beyond the kernel's indexing: " + text(indices.sizes()));
   c10::cuda::CUDAGuard guard(indices.device());
   auto opts = indices.options();
-  auto union_out = at::empty({batch, heads, tiles, width}, opts);
-  auto owners = at::empty({batch, heads, tiles, width}, opts);
+  auto union_out = at::empty({batch, heads, tiles, tokens * topk}, opts);
+  auto owners = at::empty({batch, heads, tiles, tokens * topk}, opts);
   auto counts = at::empty({batch, heads, tiles}, opts);
   SA_CHECK_CUDA(
       launch_merge_token_lists(
@@ -221,8 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_token_lists_cuda(
           indices.stride(3), static_cast<int>(batch), static_cast<int>(heads),
           static_cast<int>(seqlen_q), static_cast<int>(topk), static_cast<int>(tokens),
           static_cast<int>(seqlen_k), causal_offset.has_value(),
-          causal_offset.has_value() ? *causal_offset : 0, static_cast<int>(width),
-          union_out.data_ptr<int32_t>(),
+          causal_offset.has_value() ? *causal_offset : 0, union_out.data_ptr<int32_t>(),
           owners.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
           c10::cuda::getCurrentCUDAStream()),
       "merge_token_lists");
@@ -240,8 +237,7 @@ TORCH_LIBRARY(sparse_attn, m) {
       "int rows, int block_n, int seqlen_q, bool causal, float scale, int sink_blocks, "
       "int local_blocks, bool window) -> Tensor");
   m.def(
-      "merge_token_lists(Tensor indices, int tokens, int seqlen_k, int? causal_offset, "
-      "int max_union) -> "
+      "merge_token_lists(Tensor indices, int tokens, int seqlen_k, int? causal_offset) -> "
       "(Tensor union, Tensor owners, Tensor counts)");
 }
 

@@ -38,15 +38,14 @@ cudaError_t launch_lowbit_block_scores(const int8_t* q, const int8_t* k, const f
 // ---- topk_merge.cu: union of T neighbouring tokens' top-k key lists, with owner bits -------
 // idx int32 [B, H, Sq, K] (any strides in elements; -1 padding anywhere, keys < seqlen_k).
 // For tile n of T = tokens consecutive query tokens (1 <= T <= 32): union_out
-// [B, H, NT, width] gets the distinct listed keys (no particular order), owners_out (same shape)
-// bit t set when the tile's token t lists that key, counts [B, H, NT] the union sizes, or -1
-// for a tile whose union has more than width (<= T * K) keys; with `causal`, token i keeps
-// only keys <= i + causal_offset. Entries past counts are unspecified.
+// [B, H, NT, T * K] gets the distinct listed keys in ascending order, owners_out (same shape)
+// bit t set when the tile's token t lists that key, counts [B, H, NT] the union sizes; with
+// `causal`, token i keeps only keys <= i + causal_offset. Entries past counts are unspecified.
 cudaError_t launch_merge_token_lists(const int32_t* idx, int64_t stride_b, int64_t stride_h,
                                      int64_t stride_m, int64_t stride_j, int batch, int heads,
                                      int seqlen_q, int topk, int tokens, int seqlen_k,
-                                     bool causal, int64_t causal_offset, int width,
-                                     int32_t* union_out, int32_t* owners_out, int32_t* counts,
+                                     bool causal, int64_t causal_offset, int32_t* union_out,
+                                     int32_t* owners_out, int32_t* counts,
                                      cudaStream_t stream);
 
 }  // namespace sparse_attn

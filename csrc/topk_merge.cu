@@ -41,10 +41,9 @@ struct MergeArgs {
   const int32_t* idx;
   int64_t stride_b, stride_h, stride_m, stride_j;
   int heads, seqlen_q, topk, tokens, seqlen_k, num_tiles;
-  int width;  // union entries per tile in union_out / owners_out (<= tokens * topk)
   bool causal;
   int64_t causal_offset;
-  int32_t* union_out;  // [B, H, NT, width] contiguous
+  int32_t* union_out;  // [B, H, NT, T * K] contiguous
   uint32_t* owners_out;
   int32_t* counts;  // [B, H, NT]
 };
@@ -154,8 +153,9 @@ __global__ void __launch_bounds__(kMergeThreads)
   if (a.counts[tile] >= 0) return;  // the table kernel merged it
   const int bh = tile / a.num_tiles, tile_m = tile % a.num_tiles;
   const int32_t* lists = a.idx + (bh / a.heads) * a.stride_b + (bh % a.heads) * a.stride_h;
-  int32_t* union_tile = a.union_out + int64_t(tile) * a.width;
-  uint32_t* owners_tile = a.owners_out + int64_t(tile) * a.width;
+  const int64_t width = int64_t(a.tokens) * a.topk;
+  int32_t* union_tile = a.union_out + int64_t(tile) * width;
+  uint32_t* owners_tile = a.owners_out + int64_t(tile) * width;
 
   const int window = min(a.seqlen_k, kWindowKeys);
   const int max_words = (window + 31) / 32;
@@ -181,10 +181,6 @@ __global__ void __launch_bounds__(kMergeThreads)
     for (int w = lo; w < hi; ++w) local += __popc(bitmap[w]);
     int rank, total;
     Scan(scan_tmp).ExclusiveSum(local, rank, total);
-    if (done + total > a.width) {  // too large to store: the attention runs it per token
-      if (threadIdx.x == 0) a.counts[tile] = -1;
-      return;
-    }
     for (int w = lo; w < hi; ++w) {
       prefix[w] = rank;
       for (uint32_t bits = bitmap[w]; bits; bits &= bits - 1) {
@@ -226,6 +222,7 @@ __global__ void __launch_bounds__(kMergeThreads, kMinBlocks)
   const int tile = blockIdx.x;
   const int bh = tile / a.num_tiles, tile_m = tile % a.num_tiles;
   const int32_t* lists = a.idx + (bh / a.heads) * a.stride_b + (bh % a.heads) * a.stride_h;
+  const int64_t width = int64_t(a.tokens) * a.topk;
   int* table_keys = reinterpret_cast<int*>(smem);
   uint32_t* table_owners = smem + slots;
   for (int i = threadIdx.x; i < slots; i += kMergeThreads) {
@@ -251,12 +248,8 @@ __global__ void __launch_bounds__(kMergeThreads, kMinBlocks)
   for (int i = lo; i < hi; ++i) local += table_keys[i] >= 0;
   int rank, total;
   Scan(scan_tmp).ExclusiveSum(local, rank, total);
-  if (total > a.width) {  // possible only when width < slots
-    if (threadIdx.x == 0) a.counts[tile] = -1;
-    return;
-  }
-  int32_t* union_tile = a.union_out + int64_t(tile) * a.width;
-  uint32_t* owners_tile = a.owners_out + int64_t(tile) * a.width;
+  int32_t* union_tile = a.union_out + int64_t(tile) * width;
+  uint32_t* owners_tile = a.owners_out + int64_t(tile) * width;
   for (int i = lo; i < hi; ++i) {
     const int key = table_keys[i];
     if (key >= 0) {
@@ -289,8 +282,8 @@ size_t merge_overflow_smem(int seqlen_k, int tokens, int topk) {
 cudaError_t launch_merge_token_lists(const int32_t* idx, int64_t stride_b, int64_t stride_h,
                                      int64_t stride_m, int64_t stride_j, int batch, int heads,
                                      int seqlen_q, int topk, int tokens, int seqlen_k,
-                                     bool causal, int64_t causal_offset, int width,
-                                     int32_t* union_out, int32_t* owners_out, int32_t* counts,
+                                     bool causal, int64_t causal_offset, int32_t* union_out,
+                                     int32_t* owners_out, int32_t* counts,
                                      cudaStream_t stream) {
   const int num_tiles = (seqlen_q + tokens - 1) / tokens;
   const int64_t grid = int64_t(batch) * heads * num_tiles;
@@ -299,7 +292,7 @@ cudaError_t launch_merge_token_lists(const int32_t* idx, int64_t stride_b, int64
     return cudaMemsetAsync(counts, 0, sizeof(int32_t) * grid, stream);
   }
   MergeArgs a{idx, stride_b, stride_h, stride_m, stride_j, heads, seqlen_q, topk, tokens,
-              seqlen_k, num_tiles, width, causal, causal_offset, union_out,
+              seqlen_k, num_tiles, causal, causal_offset, union_out,
               reinterpret_cast<uint32_t*>(owners_out), counts};
   const bool vec4 = stride_j == 1 && topk % 4 == 0 && stride_m % 4 == 0 && stride_h % 4 == 0 &&
                     stride_b % 4 == 0 && reinterpret_cast<uintptr_t>(idx) % 16 == 0;

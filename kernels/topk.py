@@ -19,9 +19,7 @@ each position, and the other rows see -inf. Two ways to form the chunks (MERGED 
   Neighbouring tokens' top-k sets overlap heavily in real attention (local window,
   sinks, shared "heavy" keys), so the union is close to K and each gathered K/V row serves all
   M rows: the loads drop T-fold and the MMA work stays near the useful one. With disjoint sets
-  the union is T x K and the kernel does T x the useful MMA work, plus the merge. The merged
-  lists hold at most MAX_UNION keys per tile (memory); the tiles with a larger union (counts
-  -1) are computed by a second, per-token launch whose other programs do nothing.
+  the union is T x K and the kernel does T x the useful MMA work, plus the merge.
 
 Cost per query token: loads ~ |union| / T x D x 4 bytes, MMA ~ |union| x G_PAD x D x 4 flops.
 Measured (H100, 128k, 32/8 heads, d=128, bf16, causal, K=2048; block-sparse kernel 9.9 ms at
@@ -41,11 +39,6 @@ from .. import _cuda
 from .block_sparse import _softmax_step
 
 MERGE_BACKENDS = ("auto", "cuda", "triton")
-# keys a tile's merged union may hold (the merged lists take 8 bytes per key per tile: at 128k,
-# K=2048, T=32 and 8 KV heads, 2.1 GB at 8192 against 17 GB for the worst case T*K); a tile
-# whose union is larger is computed per token by a second launch. 8192 is also the CUDA
-# merge's hash-table size.
-MAX_UNION = 8192
 
 
 @triton.jit
@@ -69,16 +62,13 @@ def _topk_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_ib, stride_ih, stride_im, stride_ij,
-    seqlen_q, seqlen_k, list_len, num_kv_heads, num_m_tiles, qk_scale, num_merged_tiles,
+    seqlen_q, seqlen_k, list_len, num_kv_heads, num_m_tiles, qk_scale,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, TOKENS: tl.constexpr, MERGED: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, FALLBACK: tl.constexpr = False,
-    MERGE_TOKENS: tl.constexpr = 1,
+    IS_CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
-    # Idx: per token [B, Hkv, Sq, K] (MERGED=False) or per tile [B, Hkv, NT, W] with Bits
-    # (same shape and strides) and Counts [B, Hkv, NT] (MERGED=True). A merged tile whose
-    # union did not fit W (count -1) is left to a second, per-token launch (FALLBACK: Counts
-    # are the merged tiles' counts, MERGE_TOKENS tokens each), which computes only those.
+    # Idx: per token [B, Hkv, Sq, K] (MERGED=False) or per tile [B, Hkv, NT, T*K] with Bits
+    # (same shape and strides) and Counts [B, Hkv, NT] (MERGED=True).
     # (batch, KV head) varies fastest, query tiles run last-first (causal: heavier first)
     pid = tl.program_id(0).to(tl.int64)
     num_bh = tl.num_programs(0).to(tl.int64) // num_m_tiles
@@ -115,17 +105,13 @@ def _topk_fwd_kernel(
         p_idx = Idx + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
         p_bits = Bits + b * stride_ib + h_kv * stride_ih + pid_m * stride_im
         count = tl.load(Counts + pid_bh * num_m_tiles + pid_m)
-        mine = count >= 0  # else the per-token launch computes the tile
-        n_iter = tl.cdiv(tl.maximum(count, 0), BLOCK_N)
+        n_iter = tl.cdiv(count, BLOCK_N)
         # owner bits of every token of the tile (rows past the query length are not stored)
         full = ((1 << tl.minimum(seqlen_q - t0, TOKENS).to(tl.int64)) - 1).to(tl.int32)
     else:
         p_idx = Idx + b * stride_ib + h_kv * stride_ih + t0 * stride_im
         n_chunks = tl.cdiv(list_len, BLOCK_N)
-        mine = True
-        if FALLBACK:  # only tiles of merged tiles whose union was not stored
-            mine = tl.load(Counts + pid_bh * num_merged_tiles + t0 // MERGE_TOKENS) < 0
-        n_iter = tl.where(mine, TOKENS * n_chunks, 0)
+        n_iter = TOKENS * n_chunks
     # one flat loop (a single gather site keeps one set of pipeline buffers). A variant with a
     # separate unmasked loop over keys that every token of the tile owns was slower on an H100
     # (14.3 vs 13.4 ms at 128k, K=2048, T=32); a per-chunk test that skips the mask gains 3%.
@@ -165,7 +151,6 @@ def _topk_fwd_kernel(
     out = acc / l_safe[:, None]
     p_o = (Out + b * stride_ob + head[:, None] * stride_oh + tok[:, None] * stride_om
            + offs_d[None, :] * stride_od)
-    m_row = m_row & mine
     tl.store(p_o, out.to(Out.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
     if RETURN_LSE:
         # Lse is contiguous [B, Hq, Sq]; m is in log2 units
@@ -261,8 +246,7 @@ def _merge_kernel(
 
 
 def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | None = None,
-                      causal_offset: int | None = None, backend: str = "auto",
-                      max_union: int | None = None
+                      causal_offset: int | None = None, backend: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Union of the key lists of each run of ``tokens`` consecutive query tokens, with owner
     bits. Two kernels, neither sorts: the CUDA one (csrc/topk_merge.cu: a (key, owner word) hash
@@ -278,14 +262,12 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | Non
             (``Sk - Sq`` for causal attention): the owner bits then encode causality.
         backend: ``"auto"`` (CUDA when the extension is loaded and ``indices`` is on a GPU,
             else Triton), ``"cuda"`` or ``"triton"``.
-        max_union: keys a tile's union may hold, ``W = min(T*K, max_union)`` (default
-            ``MAX_UNION``); a tile with more gets ``counts = -1``.
 
     Returns:
-        ``(union [B, H, NT, W] int32, owners [B, H, NT, W] int32 (bit t set when the tile's
-        token t lists the position), counts [B, H, NT] int32)`` with ``NT = ceil(Sq / T)``;
-        entries ``[..., :counts]`` are valid (each key once), the rest is unspecified;
-        ``counts = -1`` marks a tile whose union has more than ``W`` keys (not stored).
+        ``(union [B, H, NT, T*K] int32, owners [B, H, NT, T*K] int32 (bit t set when the
+        tile's token t lists the position), counts [B, H, NT] int32)`` with
+        ``NT = ceil(Sq / T)``; entries ``[..., :counts]`` are valid (each key once), the rest
+        is unspecified.
 
     Example:
         >>> union, owners, counts = merge_token_lists(layout.indices, 16, seqlen_k=8192,
@@ -298,11 +280,10 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | Non
                          f"{backend!r}")
     if seqlen_k is None:
         seqlen_k = int(indices.max()) + 1
-    batch, heads, sq, topk = indices.shape
-    width = merged_width(tokens, topk, max_union)
     if backend == "cuda" or (backend == "auto" and indices.is_cuda and _cuda.available()):
         return _cuda.merge_token_lists(indices, tokens, seqlen_k=seqlen_k,
-                                       causal_offset=causal_offset, max_union=width)
+                                       causal_offset=causal_offset)
+    batch, heads, sq, topk = indices.shape
     nt = triton.cdiv(sq, tokens)
     dev = indices.device
     union = torch.empty((batch, heads, nt, tokens * topk), dtype=torch.int32, device=dev)
@@ -321,18 +302,7 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int | Non
         sq, topk, scratch.shape[1], heads, nt, total,
         0 if causal_offset is None else causal_offset,
         TOKENS=tokens, CHUNK=chunk, CAUSAL=causal_offset is not None, num_warps=4)
-    if width < tokens * topk:  # the kernel needs the whole row to clear its scratch
-        counts = torch.where(counts > width, -1, counts)
-        union, owners = union[..., :width], owners[..., :width]
     return union, owners, counts
-
-
-def merged_width(tokens: int, topk: int, max_union: int | None = None) -> int:
-    """Keys per tile the merged lists hold: ``min(T*K, max_union or MAX_UNION)``."""
-    cap = MAX_UNION if max_union is None else max_union
-    if not (isinstance(cap, int) and cap >= 1):
-        raise ValueError(f"merge_token_lists: max_union must be a positive int, got {cap!r}")
-    return min(tokens * topk, cap)
 
 
 def merge_token_lists_torch(indices: torch.Tensor, tokens: int, chunk_elems: int = 1 << 26
@@ -408,31 +378,19 @@ def topk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.T
                 indices, tokens, seqlen_k=seqlen_k,
                 causal_offset=seqlen_k - seqlen_q if causal else None)
         idx, bits, counts = merged_lists
-        if idx.shape[2] != num_m_tiles or idx.shape[3] > tokens * indices.shape[3]:
+        if idx.shape[2] != num_m_tiles or idx.shape[3] != tokens * indices.shape[3]:
             raise ValueError(
                 f"merged lists {tuple(idx.shape)} were built for another TOKENS than {tokens}")
     else:
         idx, bits, counts = indices, indices, indices  # bits/counts unused
-
-    def launch(lists, owner_bits, tile_counts, t, is_merged, cfg, **fallback):
-        n_tiles = triton.cdiv(seqlen_q, t)
-        _topk_fwd_kernel[(batch * hkv * n_tiles,)](
-            q, k, v, out, lse if lse is not None else out, lists, owner_bits, tile_counts,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lists.stride(),
-            seqlen_q, seqlen_k, indices.shape[3], hkv, n_tiles, scale * 1.4426950408889634,
-            num_m_tiles, GROUP=group, G_PAD=g_pad, TOKENS=t, MERGED=is_merged,
-            BLOCK_N=cfg[0], HEAD_DIM=head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_CAUSAL=causal,
-            RETURN_LSE=return_lse, num_warps=cfg[1], num_stages=cfg[2], **fallback)
-
-    launch(idx, bits, counts, tokens, merged, (block_n, num_warps, num_stages))
-    if merged and idx.shape[3] < tokens * indices.shape[3]:
-        # tiles whose union exceeded the stored width (counts -1): a per-token launch computes
-        # them; its tiles must nest in the merged ones
-        t_pt = max(default_tokens(group, False), triton.cdiv(16, g_pad))
-        if tokens % t_pt:
-            t_pt = tokens
-        launch(indices, indices, counts, t_pt, False,
-               default_config(head_dim, q.dtype, q.device, g_pad * t_pt),
-               FALLBACK=True, MERGE_TOKENS=tokens)
+    grid = (batch * hkv * num_m_tiles,)
+    _topk_fwd_kernel[grid](
+        q, k, v, out, lse if lse is not None else out, idx, bits, counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *idx.stride(),
+        seqlen_q, seqlen_k, idx.shape[3], hkv, num_m_tiles, scale * 1.4426950408889634,
+        GROUP=group, G_PAD=g_pad, TOKENS=tokens, MERGED=merged,
+        BLOCK_N=block_n, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        IS_CAUSAL=causal, RETURN_LSE=return_lse,
+        num_warps=num_warps, num_stages=num_stages,
+    )
     return out, lse

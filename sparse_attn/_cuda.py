@@ -103,9 +103,9 @@ def _register_fakes() -> None:
                            dtype=torch.float32)
 
     @torch.library.register_fake("sparse_attn::merge_token_lists")
-    def _(indices, tokens, seqlen_k, causal_offset, max_union):
+    def _(indices, tokens, seqlen_k, causal_offset):
         batch, heads, sq, topk = indices.shape
-        shape = (batch, heads, -(-sq // tokens), min(tokens * topk, max_union))
+        shape = (batch, heads, -(-sq // tokens), tokens * topk)
         return (indices.new_empty(shape), indices.new_empty(shape),
                 indices.new_empty(shape[:3]))
 
@@ -251,7 +251,7 @@ def lowbit_block_scores(q_rows: torch.Tensor, k: torch.Tensor, row_pos: torch.Te
 
 
 def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int,
-                      causal_offset: int | None = None, max_union: int | None = None
+                      causal_offset: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CUDA backend of ``kernels/topk.py: merge_token_lists`` (csrc/topk_merge.cu): the
     same contract (each tile's union in no particular order: hash-table slot order, or ascending
@@ -262,11 +262,9 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int,
         tokens: tokens per tile, 1..32.
         seqlen_k: key length.
         causal_offset: token ``i`` keeps only keys ``<= i + causal_offset``, or None.
-        max_union: keys a tile's union may hold, ``W = min(T*K, max_union)`` (default T*K);
-            a tile with more gets ``counts = -1``.
 
     Returns:
-        ``(union, owners, counts)``: int32 ``[B, H, NT, W]`` twice and ``[B, H, NT]``.
+        ``(union, owners, counts)``: int32 ``[B, H, NT, T*K]`` twice and ``[B, H, NT]``.
 
     Example:
         >>> union, owners, counts = merge_token_lists(idx, 32, seqlen_k=S,
@@ -290,10 +288,5 @@ def merge_token_lists(indices: torch.Tensor, tokens: int, *, seqlen_k: int,
     if ext is None:
         raise RuntimeError(f"{name}: the CUDA extension is not available ({_state['state']}: "
                            f"{_state['detail']})")
-    if max_union is None:
-        max_union = tokens * topk
-    if not (isinstance(max_union, int) and max_union >= 1):
-        raise ValueError(f"{name}: max_union must be a positive int, got {max_union!r}")
     return ext.merge_token_lists(indices, tokens, seqlen_k,
-                                 None if causal_offset is None else int(causal_offset),
-                                 max_union)
+                                 None if causal_offset is None else int(causal_offset))

@@ -270,15 +270,12 @@ def test_topk_indices_bad_input():
 
 def _check_merge(indices, tokens, seqlen_k, causal_offset, got):
     """A merge's (union, owners, counts) against brute force: per tile the distinct keys its
-    tokens list (and may see), each once, with bit t set exactly when token t lists it; or
-    counts = -1 exactly when they are more than the lists' width W."""
+    tokens list (and may see), each once, with bit t set exactly when token t lists it."""
     union, owners, counts = (x.cpu() for x in got)
     idx = indices.cpu().long()
     batch, heads, sq, _ = idx.shape
     nt = -(-sq // tokens)
-    width = union.shape[-1]
-    assert width <= tokens * idx.shape[-1]
-    assert union.shape == owners.shape == (batch, heads, nt, width)
+    assert union.shape == owners.shape == (batch, heads, nt, tokens * idx.shape[-1])
     assert counts.shape == (batch, heads, nt)
     for b in range(batch):
         for h in range(heads):
@@ -293,10 +290,6 @@ def _check_merge(indices, tokens, seqlen_k, causal_offset, got):
                     lists.append(keys[ok])
                 want = torch.cat(lists).unique()  # sorted
                 n = int(counts[b, h, tile])
-                if n == -1:
-                    assert len(want) > width, (b, h, tile)
-                    continue
-                assert len(want) <= width
                 keys, order = union[b, h, tile, :n].long().sort()
                 assert torch.equal(keys, want), (b, h, tile)
                 bits = owners[b, h, tile, :n][order].long() & 0xFFFFFFFF
@@ -322,25 +315,6 @@ def test_merge_token_lists(causal):
         _check_merge(layout.indices, tokens, sk, None, (t_union, t_owners, t_counts))
         past = torch.arange(t_union.shape[-1]) >= t_counts[..., None]
         assert bool((t_union[past] == -1).all())  # the torch merge pads with -1
-
-
-def test_merge_width_cap_and_per_token_fallback(monkeypatch):
-    """Unions larger than max_union are not stored (counts -1), and the merged attention runs
-    those tiles over their tokens' own lists: the result still matches the reference."""
-    import sparse_attn.kernels.topk as tk
-
-    sq, sk, kk, tokens = 70, 200, 12, 16
-    layout = _random_layout(1, 2, sq, sk, kk, "cpu", local=8)
-    got = merge_token_lists(layout.indices.to(DEVICE), tokens, seqlen_k=sk, causal_offset=sk - sq,
-                            backend="triton", max_union=40)
-    assert got[0].shape[-1] == 40
-    assert bool((got[2] == -1).any()) and bool((got[2] >= 0).any())  # both kinds of tile
-    _check_merge(layout.indices, tokens, sk, sk - sq, got)
-    monkeypatch.setattr(tk, "MAX_UNION", 40)
-    q, k, v = _qkv(1, 4, 2, sq, sk, 64, torch.float16, DEVICE, seed=3)
-    _check(q, k, v, TopKLayout(layout.indices.to(DEVICE)), True, merge=True, tokens=tokens)
-    with pytest.raises(ValueError, match="max_union"):
-        merge_token_lists(layout.indices, tokens, seqlen_k=sk, max_union=0, backend="triton")
 
 
 def test_merge_backend_argument():
@@ -409,11 +383,8 @@ def test_gpu_cuda_merge_matches_brute_force(case):
     idx = idx.cuda()
     if pattern == "random" and sq > 50:
         idx = idx.transpose(2, 3).contiguous().transpose(2, 3)  # strided rows
-    # the whole width (T*K: the bitmap kernel's on-chip and global paths), then the default cap
-    for cap in (tokens * kk, None):
-        got = merge_token_lists(idx, tokens, seqlen_k=sk, causal_offset=offset, backend="cuda",
-                                max_union=cap)
-        _check_merge(idx, tokens, sk, offset, got)
+    got = merge_token_lists(idx, tokens, seqlen_k=sk, causal_offset=offset, backend="cuda")
+    _check_merge(idx, tokens, sk, offset, got)
     if sk <= 5000:
         _check_merge(idx, tokens, sk, offset,
                      merge_token_lists(idx, tokens, seqlen_k=sk, causal_offset=offset,
