@@ -38,7 +38,7 @@ cudaError_t launch_lowbit_block_scores(const int8_t* q, const int8_t* k, const f
 // ---- topk_merge.cu: union of T neighbouring tokens' top-k key lists, with owner bits -------
 // idx int32 [B, H, Sq, K] (any strides in elements; -1 padding anywhere, keys < seqlen_k).
 // For tile n of T = tokens consecutive query tokens (1 <= T <= 32): union_out
-// [B, H, NT, T * K] gets the distinct listed keys in ascending order, owners_out (same shape)
+// [B, H, NT, T * K] gets the distinct listed keys (no particular order), owners_out (same shape)
 // bit t set when the tile's token t lists that key, counts [B, H, NT] the union sizes; with
 // `causal`, token i keeps only keys <= i + causal_offset. Entries past counts are unspecified.
 cudaError_t launch_merge_token_lists(const int32_t* idx, int64_t stride_b, int64_t stride_h,

@@ -14,10 +14,12 @@
 // probes and atomics, 29% of DRAM).
 //
 // A tile whose union overflows the table (large, disjoint lists) writes counts = -1 (giving up
-// early, a shared-flag check per step, made the whole merge 30% slower: 7.5-7.9 vs 5.8 ms); a second kernel redoes only those tiles in two passes over the lists: presence
-// bits in a shared-memory bitmap over a window of keys (ranks from a block scan of the words'
+// early, with a shared-flag check per step, made the whole merge 30% slower: 7.5-7.9 vs
+// 5.8 ms). A second kernel redoes only those tiles in two passes over the lists: presence bits
+// in a shared-memory bitmap over a window of keys (ranks from a block scan of the words'
 // popcounts, the union ascending), then the owner bits ORed by rank, on chip when they fit and
-// in global memory otherwise. Key ranges longer than kWindowKeys are folded one window at a time.
+// in global memory otherwise. Key ranges longer than kWindowKeys are folded one window at a
+// time.
 #include <cub/block/block_scan.cuh>
 
 #include "sparse_attn.h"

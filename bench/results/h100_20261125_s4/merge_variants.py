@@ -1,6 +1,12 @@
 """Merge kernel variants (SPARSE_ATTN_MERGE_VARIANT, experiment) at 128k, K=2048, T=32: merge
 time, merged-kernel time on each variant's output, correctness vs variant 0; block + window +
-random (overflow fallback) patterns. Usage: python3 .scratch/s4/merge_variants.py OUTFILE"""
+random (overflow fallback) patterns. Usage: python3 .scratch/s4/merge_variants.py OUTFILE
+
+Provenance: SPARSE_ATTN_MERGE_VARIANT was a temporary switch in csrc/topk_merge.cu's launcher
+(never committed): 0 = the bitmap + table kernel of 4765d35; 1/2/3 = the table-only kernel
+with (loads in flight, CTAs per SM) = (4, 1 bound: 2 by registers), (2, 3), (4, 3). Variant 2
+is what f331d52 ships. Kept as the record of merge_variants.json, not runnable on later code.
+The setup lines repeat skip_ab.py's on purpose: each script is the exact one that ran."""
 import json, os, sys, torch, triton
 sys.path.insert(0, "bench")
 from bench_topk import block_layout, topk_from_blocks, topk_window, topk_random

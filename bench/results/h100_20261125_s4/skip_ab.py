@@ -1,5 +1,10 @@
 """A/B: merged top-k kernel with/without skipping the owner mask on fully owned chunks; the
-new CUDA merge; block-sparse at the same keys. 128k, K=2048, T=32. Usage: ... OUTFILE"""
+new CUDA merge; block-sparse at the same keys. 128k, K=2048, T=32. Usage: ... OUTFILE
+
+Provenance: kernels/topk.py's SKIP_FULL_OWNER_CHUNKS was a temporary module flag (never
+committed; f331d52 makes the skip unconditional), and the merge it timed still had the
+early-exit check that f331d52 removed (hence 7.87 ms here against 5.8 without it). Kept as the
+record of skip_ab.json, not runnable on later code."""
 import json, sys, torch, triton
 sys.path.insert(0, "bench")
 from bench_topk import block_layout, topk_from_blocks, topk_window
