@@ -30,7 +30,7 @@ from sparse_attn import demo  # noqa: E402
 
 
 def seed_passkey(seed: int) -> str:
-    """The five-digit passkey of a cell with an explicit seed (the same at every length/depth)."""
+    """The five-digit passkey drawn from ``seed`` (the same at every length/depth)."""
     return str(random.Random(seed).randrange(10000, 100000))
 
 
@@ -60,8 +60,7 @@ def plan_cells(lengths: list[int], depths: list[float], cells: str | None = None
         if (n, d, s) in seen:
             continue
         seen.add((n, d, s))
-        key = seed_passkey(s) if s is not None else \
-            str(random.Random(seed * 1000 + i).randrange(10000, 100000))
+        key = seed_passkey(s if s is not None else seed * 1000 + i)
         out.append({"seqlen": n, "depth": d, "seed": s, "passkey": key})
     return out
 
