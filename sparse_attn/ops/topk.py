@@ -94,8 +94,8 @@ def topk_attention(
             extension's kernel, else a Triton pass; no sort) and cached on the layout.
             ``False``: each token's own list, row-masked (better when neighbours' lists are
             disjoint, e.g. random keys). Measured at 128k, K=2048 (H100): merged kernel
-            13.3 ms + merge 6.9 ms (CUDA; Triton 35 ms) once per layout, per-token 174 ms,
-            block-sparse kernel at the same keys 9.8 ms.
+            13.1 ms + merge 5.7 ms (CUDA; Triton 35 ms) once per layout, per-token 171 ms,
+            block-sparse kernel at the same keys 9.9 ms (1.89x with the merge).
         tokens: query tokens per tile (tile rows = next_pow2(G) x tokens, at most 128);
             default: 16 rows per-token, 128 rows merged (at most 32 tokens).
         check_indices: check the index values before launch (a host sync, once per layout;
